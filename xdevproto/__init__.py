@@ -1,1 +1,1 @@
-"""xdevproto: the vfio-user protocol, transports, client, server runtime and PCI device framework."""
+"""xdevproto: vfio-user protocol, transports, client, server runtime, PCI device framework."""
