@@ -1,0 +1,42 @@
+# Shell helpers for run scripts in dom0 of the emulated Xen host.
+# Source it: . "$XDEV_LIB". Guests are prepared on the host side
+# (bridge.emuhost.guest.HvmGuest); their files are in $XDEV_RUN/guests/.
+
+# xdev_guest_start NAME: create the guest from its prepared xl config.
+xdev_guest_start() {
+    : >"$XDEV_RUN/guests/$1.serial"
+    xl create "$XDEV_RUN/guests/$1.cfg"
+}
+
+# xdev_guest_wait NAME MARKER [TIMEOUT_S]: wait until MARKER (a fixed string)
+# appears in the guest's serial log. Returns 1 on timeout, 2 if the guest
+# died without printing it.
+xdev_guest_wait() {
+    _serial="$XDEV_RUN/guests/$1.serial"
+    _deadline=$(( $(date +%s) + ${3:-120} ))
+    while [ "$(date +%s)" -lt "$_deadline" ]; do
+        grep -qF -- "$2" "$_serial" 2>/dev/null && return 0
+        if ! xl domid "$1" >/dev/null 2>&1; then
+            grep -qF -- "$2" "$_serial" 2>/dev/null && return 0
+            echo "xdev_guest_wait: guest $1 is gone without printing '$2'" >&2
+            return 2
+        fi
+        sleep 1
+    done
+    echo "xdev_guest_wait: no '$2' from guest $1 within ${3:-120} s" >&2
+    return 1
+}
+
+# xdev_guest_destroy NAME: stop the guest if it is still there.
+xdev_guest_destroy() {
+    xl destroy "$1" 2>/dev/null || true
+}
+
+# xdev_guest_run NAME MARKER [TIMEOUT_S]: start, wait for MARKER, destroy.
+xdev_guest_run() {
+    xdev_guest_start "$1" || return 3
+    xdev_guest_wait "$1" "$2" "${3:-120}"
+    _rc=$?
+    xdev_guest_destroy "$1"
+    return $_rc
+}
