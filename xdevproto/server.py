@@ -1,0 +1,620 @@
+"""The vfio-user server runtime: serves one :class:`~xdevproto.device.Device`.
+
+One client at a time per device (vfio-user spec, "Transport": one device per
+connection). A second client that connects while one is attached gets an
+EBUSY error reply to its VERSION and is disconnected. When a client goes away
+the runtime drops its DMA regions and interrupt fds, keeps the device's
+state, and accepts the next client ("Disconnect").
+
+Threads: a session's loop thread reads the socket and calls the device in
+message order. Device worker threads may do message DMA through the session
+(:class:`~xdevproto.device.DeviceContext`); their replies are routed back by
+the loop thread, or travel on the twin socket when one was negotiated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from . import wire
+from .connection import (
+    NEED_DATA,
+    Connection,
+    Event,
+    InvalidMessage,
+    Reply,
+    Request,
+    Role,
+    close_fds,
+)
+from .device import Device, DeviceContext, DmaRegion, RegionDesc
+from .errors import ConnectionClosed, DeviceError, PeerProtocolError, VfioUserError
+from .features import handle_feature
+from .transport import Transport, peer_credentials
+from .wire import Command, SetIrqsFlags
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["Session", Request], "tuple[wire.Payload | bytes, list[int]]"]
+
+
+@dataclass
+class _Waiter:
+    done: threading.Event
+    reply: Reply | None = None
+    error: VfioUserError | None = None
+
+
+class DmaTable:
+    """The client's DMA regions, kept sorted; refuses overlaps."""
+
+    def __init__(self, max_maps: int) -> None:
+        self.max_maps = max_maps
+        self.regions: list[DmaRegion] = []
+
+    def find_overlap(self, iova: int, size: int) -> DmaRegion | None:
+        for r in self.regions:
+            if iova < r.iova + r.size and r.iova < iova + size:
+                return r
+        return None
+
+    def add(self, region: DmaRegion) -> None:
+        if len(self.regions) >= self.max_maps:
+            raise DeviceError("too many DMA regions", errno.ENOSPC)
+        if self.find_overlap(region.iova, region.size):
+            raise DeviceError("DMA region overlaps an existing one", errno.EEXIST)
+        self.regions.append(region)
+        self.regions.sort(key=lambda r: r.iova)
+
+    def remove(self, iova: int, size: int) -> DmaRegion:
+        for i, r in enumerate(self.regions):
+            if r.iova == iova and r.size == size:
+                return self.regions.pop(i)
+        raise DeviceError(f"no DMA region at {iova:#x}+{size:#x}", errno.ENOENT)
+
+    def clear(self) -> list[DmaRegion]:
+        out, self.regions = self.regions, []
+        return out
+
+
+class Session(DeviceContext):
+    """One client connection to a device."""
+
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        self.server = server
+        self.device = server.device
+        self.conn = Connection(Role.SERVER, server.capabilities)
+        self.transport = Transport(sock, max_recv_fds=server.capabilities.max_msg_fds)
+        self.lock = threading.Lock()  # the connection's state and the main socket's sends
+        self.loop_thread = threading.get_ident()
+        self.waiters: dict[int, _Waiter] = {}
+        self.deferred: deque[Event] = deque()
+        self.dma = DmaTable(server.capabilities.max_dma_maps)
+        self.regions: dict[int, RegionDesc] = {}
+        self.closed = False
+        self.attached = False
+        self._twin: tuple[Transport, Connection] | None = None
+        self._twin_lock = threading.Lock()
+
+    # -- DeviceContext -----------------------------------------------------------
+    @property
+    def max_data_xfer_size(self) -> int:
+        neg = self.conn.negotiated
+        return neg.peer_max_data_xfer_size if neg else wire.DEFAULT_MAX_DATA_XFER_SIZE
+
+    def dma_read(self, iova: int, length: int) -> bytes:
+        out = bytearray()
+        step = self.max_data_xfer_size
+        while len(out) < length:
+            n = min(step, length - len(out))
+            addr = iova + len(out)
+            reply = self._call(Command.DMA_READ, wire.DmaAccess(addr, n))
+            p = reply.payload
+            if not isinstance(p, wire.DmaAccess) or p.address != addr or p.count != n \
+                    or len(p.data) != n:
+                raise PeerProtocolError("DMA_READ reply does not match the request")
+            out += p.data
+        return bytes(out)
+
+    def dma_write(self, iova: int, data: bytes | memoryview) -> None:
+        step = self.max_data_xfer_size
+        view = memoryview(data)
+        for pos in range(0, len(view), step):
+            chunk = bytes(view[pos:pos + step])
+            self._call(Command.DMA_WRITE, wire.DmaAccess(iova + pos, len(chunk), chunk))
+
+    def _call(self, command: Command, payload: wire.Payload) -> Reply:
+        if self.closed:
+            raise ConnectionClosed("client is gone")
+        if self._twin is not None:
+            reply = self._call_twin(command, payload)
+        else:
+            reply = self._call_main(command, payload)
+        if reply.error:
+            raise DeviceError(f"client refused {command.name}", reply.error)
+        return reply
+
+    def _call_twin(self, command: Command, payload: wire.Payload) -> Reply:
+        assert self._twin is not None
+        tr, conn = self._twin
+        with self._twin_lock:
+            _, data = conn.send_request(command, payload)
+            tr.send(data)
+            while True:
+                ev = conn.next_event()
+                if ev is NEED_DATA:
+                    chunk, fds = tr.recv()
+                    conn.receive_data(chunk, fds)
+                    if not chunk:
+                        raise ConnectionClosed("twin socket closed")
+                    continue
+                if isinstance(ev, Reply):
+                    return ev
+                raise PeerProtocolError("client sent a command on the twin socket", fatal=True)
+
+    def _call_main(self, command: Command, payload: wire.Payload) -> Reply:
+        waiter = _Waiter(threading.Event())
+        with self.lock:
+            msg_id, data = self.conn.send_request(command, payload)
+            self.waiters[msg_id] = waiter
+            self.transport.send(data)
+        if threading.get_ident() == self.loop_thread:
+            while not waiter.done.is_set():
+                ev = self._receive()
+                if ev is None:
+                    break
+                self.deferred.append(ev)
+        else:
+            waiter.done.wait()
+        if waiter.reply is None:
+            raise waiter.error or ConnectionClosed("client is gone")
+        return waiter.reply
+
+    # -- the loop ----------------------------------------------------------------
+    def _receive(self) -> Event | None:
+        """The next command from the client (replies go to their waiters);
+        None at EOF."""
+        while True:
+            with self.lock:
+                ev = self.conn.next_event()
+            if ev is NEED_DATA:
+                data, fds = self.transport.recv()
+                with self.lock:
+                    self.conn.receive_data(data, fds)
+                if not data:
+                    return None
+                continue
+            if isinstance(ev, Reply):
+                waiter = self.waiters.pop(ev.msg_id, None)
+                if waiter is not None:
+                    waiter.reply = ev
+                    waiter.done.set()
+                else:
+                    close_fds(ev.fds)
+                continue
+            return ev
+
+    def run(self) -> None:
+        self.loop_thread = threading.get_ident()
+        try:
+            while True:
+                ev = self.deferred.popleft() if self.deferred else self._receive()
+                if ev is None:
+                    break
+                self._dispatch(ev)
+        except PeerProtocolError as exc:
+            log.warning("dropping client: %s", exc)
+        except ConnectionClosed:
+            pass
+        except OSError as exc:
+            log.warning("client connection failed: %s", exc)
+        finally:
+            self._teardown()
+
+    def _dispatch(self, ev: Event) -> None:
+        if isinstance(ev, InvalidMessage):
+            log.info("refused command %d (id %d): %s", ev.command, ev.msg_id, ev.error)
+            if not ev.no_reply:
+                self._send(Connection.send_error(ev.msg_id, ev.command, ev.error.errno))
+            if ev.command == Command.VERSION and self.conn.negotiated is None \
+                    and ev.error.errno == errno.ENOTSUP:
+                raise ConnectionClosed("version refused")
+            return
+        assert isinstance(ev, Request)
+        handler = HANDLERS[ev.command]
+        fds: list[int] = []
+        try:
+            payload, fds = handler(self, ev)
+            out = self.conn.send_reply(ev, payload, fds)
+        except VfioUserError as exc:
+            if isinstance(exc, PeerProtocolError) and exc.fatal:
+                if not ev.no_reply:
+                    self._send(Connection.send_error(ev.msg_id, ev.command, exc.errno))
+                raise
+            log.debug("%s failed: %s", ev.command.name, exc)
+            out, fds = Connection.send_error(ev.msg_id, ev.command, exc.errno), []
+        except Exception:
+            log.exception("device failed on %s", ev.command.name)
+            out, fds = Connection.send_error(ev.msg_id, ev.command, errno.EIO), []
+        if not ev.no_reply:
+            self._send(out, fds)
+
+    def _send(self, data: bytes, fds: Iterable[int] = ()) -> None:
+        with self.lock:
+            self.transport.send(data, list(fds))
+
+    def _teardown(self) -> None:
+        self.closed = True
+        for waiter in self.waiters.values():
+            waiter.error = ConnectionClosed("client is gone")
+            waiter.done.set()
+        self.waiters.clear()
+        if self.attached:
+            for region in self.dma.clear():
+                self._unmap(region)
+            for index in range(self.device.num_irqs):
+                try:
+                    if self.device.irq(index).count:
+                        self.device.set_irqs(index, SetIrqsFlags.ACTION_TRIGGER, 0, 0,
+                                             None, None)
+                except VfioUserError:
+                    pass
+                except Exception:
+                    log.exception("device failed to drop interrupts")
+            try:
+                self.device.detach()
+            except Exception:
+                log.exception("device failed to detach")
+        self.conn.close()
+        if self._twin is not None:
+            self._twin[0].close()
+        self.transport.close()
+
+    def _unmap(self, region: DmaRegion) -> None:
+        try:
+            self.device.dma_unmap(region)
+        except Exception:
+            log.exception("device failed to unmap a DMA region")
+
+    # -- helpers for handlers --------------------------------------------------
+    def region_desc(self, index: int) -> RegionDesc:
+        desc = self.regions.get(index)
+        if desc is None:
+            if not 0 <= index < self.device.num_regions:
+                raise DeviceError(f"no region {index}", errno.EINVAL)
+            desc = self.regions[index] = self.device.region(index)
+        return desc
+
+    def check_access(self, index: int, offset: int, count: int, flag: wire.RegionFlags) -> None:
+        desc = self.region_desc(index)
+        if not desc.flags & flag:
+            raise DeviceError(f"region {index} does not allow this access", errno.EINVAL)
+        if offset + count > desc.size:
+            raise DeviceError(f"access {offset:#x}+{count} beyond region {index}", errno.EINVAL)
+
+    def start_twin(self) -> int:
+        """Create the twin socket; returns the fd to pass to the client."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._twin = (Transport(ours, max_recv_fds=0), self.conn.twin())
+        return theirs.detach()
+
+
+class Server:
+    """Serves one device on a listening socket, one client at a time."""
+
+    def __init__(
+        self,
+        device: Device,
+        *,
+        capabilities: wire.Capabilities | None = None,
+        twin_socket: bool = True,
+        allowed_uids: Iterable[int] | None = None,
+    ) -> None:
+        self.device = device
+        self.capabilities = capabilities or wire.Capabilities(max_msg_fds=8)
+        self.twin_socket = twin_socket
+        self.allowed_uids = frozenset(allowed_uids) if allowed_uids is not None else None
+        self.session: Session | None = None
+        self._busy = threading.Lock()
+        self._stop = threading.Event()
+        self.on_state: Callable[[str], None] | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _permitted(self, sock: socket.socket) -> bool:
+        if self.allowed_uids is None:
+            return True
+        cred = peer_credentials(sock)
+        if cred is None or cred.uid in self.allowed_uids:
+            return True
+        log.warning("refusing client pid %d uid %d", cred.pid, cred.uid)
+        return False
+
+    def serve_connection(self, sock: socket.socket) -> None:
+        """Serve one client until it disconnects (in this thread)."""
+        caps = self.capabilities
+        if sock.family != socket.AF_UNIX and caps.max_msg_fds:
+            # No fd passing over TCP: say so, so that the client maps memory
+            # without fds and expects no mmap'able regions.
+            caps = dataclasses.replace(caps, max_msg_fds=0)
+        session = Session(self, sock)
+        session.conn.our_caps = caps
+        self.session = session
+        self._notify("client connected")
+        try:
+            session.run()
+        finally:
+            self.session = None
+            self._notify("waiting for a client")
+
+    def serve(self, listener: socket.socket, *, max_sessions: int | None = None) -> None:
+        """Accept clients until stop() or ``max_sessions`` sessions served."""
+        listener.settimeout(0.2)
+        served = 0
+        worker: threading.Thread | None = None
+        self._notify("waiting for a client")
+        try:
+            while not self._stop.is_set():
+                if worker is not None and not worker.is_alive():
+                    worker = None
+                    served += 1
+                    if max_sessions is not None and served >= max_sessions:
+                        return
+                try:
+                    sock, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                sock.settimeout(None)
+                if not self._permitted(sock):
+                    sock.close()
+                    continue
+                if worker is not None:
+                    threading.Thread(target=refuse_busy, args=(sock,), daemon=True).start()
+                    continue
+                worker = threading.Thread(target=self.serve_connection, args=(sock,),
+                                          name="vfio-user-session", daemon=True)
+                worker.start()
+        finally:
+            if worker is not None:
+                session = self.session
+                if session is not None:
+                    try:
+                        session.transport.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                worker.join(5)
+
+    def _notify(self, state: str) -> None:
+        if self.on_state is not None:
+            self.on_state(state)
+
+
+def refuse_busy(sock: socket.socket, timeout: float = 2.0) -> None:
+    """Answer a second client's VERSION with EBUSY, then hang up."""
+    try:
+        sock.settimeout(timeout)
+        head = sock.recv(wire.HEADER_SIZE, socket.MSG_PEEK)
+        if len(head) == wire.HEADER_SIZE:
+            msg_id, command = wire.HEADER.unpack(head)[:2]
+            sock.sendall(Connection.send_error(msg_id, command, errno.EBUSY))
+        log.warning("refused a second client: the device already has one")
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+# -- command handlers ----------------------------------------------------------------
+# Each returns (reply payload, fds to pass) or raises a VfioUserError.
+
+NOTHING: tuple[bytes, list[int]] = (b"", [])
+
+
+def _version(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    try:
+        reply = s.conn.accept_version(req, twin_socket=s.server.twin_socket
+                                      and s.transport.passes_fds)
+    except PeerProtocolError as exc:
+        raise PeerProtocolError(str(exc), exc.errno, fatal=True) from None
+    fds: list[int] = []
+    if reply.capabilities.twin_socket is not None:
+        fds = [s.start_twin()]
+    s.attached = True
+    s.device.attach(s)
+    return reply, fds
+
+
+def _dma_map(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    p = req.payload
+    assert isinstance(p, wire.DmaMap)
+    fd = req.fds[0] if req.fds else None
+    try:
+        neg = s.conn.negotiated
+        page = (neg.pgsizes & -neg.pgsizes) if neg and neg.pgsizes else 4096
+        if (p.address | p.size | p.offset) % page:
+            raise DeviceError(f"DMA region not aligned to {page} bytes", errno.EINVAL)
+        region = DmaRegion(p.address, p.size, bool(p.flags & wire.DmaMapFlags.READ),
+                           bool(p.flags & wire.DmaMapFlags.WRITE), fd, p.offset)
+        s.dma.add(region)
+    except VfioUserError:
+        close_fds(req.fds)
+        raise
+    try:
+        s.device.dma_map(region)
+    except BaseException:
+        s.dma.remove(region.iova, region.size)
+        raise
+    return NOTHING
+
+
+def _dma_unmap(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    p = req.payload
+    assert isinstance(p, wire.DmaUnmap)
+    if p.flags & wire.DmaUnmapFlags.ALL:
+        regions = s.dma.clear()
+    else:
+        regions = [s.dma.remove(p.address, p.size)]
+    for region in regions:
+        s._unmap(region)
+    return wire.DmaUnmap(wire.DmaUnmap.SIZE, p.flags, p.address, p.size), []
+
+
+def _device_info(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    d = s.device
+    return wire.DeviceInfo(wire.DeviceInfo.SIZE, d.info_flags, d.num_regions, d.num_irqs), []
+
+
+def _region_info(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    p = req.payload
+    assert isinstance(p, wire.RegionInfo)
+    desc = s.region_desc(p.index)
+    mmap = bool(desc.flags & wire.RegionFlags.MMAP and desc.fd is not None
+                and s.transport.passes_fds)
+    flags = desc.flags if mmap else desc.flags & ~wire.RegionFlags.MMAP
+    caps = desc.caps if mmap else tuple(c for c in desc.caps
+                                        if not isinstance(c, wire.SparseMmapCap))
+    full = wire.RegionInfo(0, flags | (wire.RegionFlags.CAPS if caps else 0), p.index, 0,
+                           desc.size, desc.fd_offset if mmap else 0, caps)
+    need = full.encoded_size
+    if need > p.argsz:
+        # Too small for the capabilities: the struct alone, with the size
+        # needed; the fd comes with the full answer ("Message sizes").
+        return wire.RegionInfo(need, flags, p.index, 0, desc.size, full.offset), []
+    out = wire.RegionInfo(need, full.flags, p.index, 0, desc.size, full.offset, caps)
+    return out, [desc.fd] if mmap and desc.fd is not None else []
+
+
+def _region_io_fds(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    p = req.payload
+    assert isinstance(p, wire.RegionIoFds)
+    s.region_desc(p.index)
+    # We offer no ioeventfds: every sub-region is reached by REGION_WRITE.
+    return wire.RegionIoFds(wire.RegionIoFds.SIZE, 0, p.index, 0), []
+
+
+def _irq_info(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    p = req.payload
+    assert isinstance(p, wire.IrqInfo)
+    if not 0 <= p.index < s.device.num_irqs:
+        raise DeviceError(f"no interrupt index {p.index}", errno.EINVAL)
+    desc = s.device.irq(p.index)
+    return wire.IrqInfo(wire.IrqInfo.SIZE, desc.flags, p.index, desc.count), []
+
+
+def _set_irqs(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    p = req.payload
+    assert isinstance(p, wire.SetIrqs)
+    try:
+        if not 0 <= p.index < s.device.num_irqs:
+            raise DeviceError(f"no interrupt index {p.index}", errno.EINVAL)
+        count = s.device.irq(p.index).count
+        if p.start + p.count > count:
+            raise DeviceError(f"vectors {p.start}+{p.count} beyond {count}", errno.EINVAL)
+    except VfioUserError:
+        close_fds(req.fds)
+        raise
+    data = p.flags & wire.SET_IRQS_DATA_MASK
+    action = p.flags & wire.SET_IRQS_ACTION_MASK
+    fds: list[int | None] | None = None
+    bools = None
+    if data == SetIrqsFlags.DATA_EVENTFD:
+        fds = list(req.fds) if req.fds else [None] * p.count
+    elif data == SetIrqsFlags.DATA_BOOL:
+        bools = p.data
+    s.device.set_irqs(p.index, action, p.start, p.count, fds, bools)
+    return NOTHING
+
+
+def _region_read(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    p = req.payload
+    assert isinstance(p, wire.RegionAccess)
+    s.check_access(p.region, p.offset, p.count, wire.RegionFlags.READ)
+    data = s.device.region_read(p.region, p.offset, p.count) if p.count else b""
+    if len(data) != p.count:
+        raise DeviceError("device returned a short read", errno.EIO)
+    return wire.REGION_ACCESS.pack(p.offset, p.region, p.count) + data, []
+
+
+def _region_write(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    p = req.payload
+    assert isinstance(p, wire.RegionAccess)
+    s.check_access(p.region, p.offset, p.count, wire.RegionFlags.WRITE)
+    if p.count:
+        s.device.region_write(p.region, p.offset, p.data)
+    return wire.REGION_ACCESS.pack(p.offset, p.region, p.count), []
+
+
+def _write_multi(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    p = req.payload
+    assert isinstance(p, wire.RegionWriteMulti)
+    for e in p.entries:
+        s.check_access(e.region, e.offset, e.count, wire.RegionFlags.WRITE)
+        s.device.region_write(e.region, e.offset, e.data[:e.count])
+    return wire.WriteMultiReply(len(p.entries)), []
+
+
+def _reset(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    s.device.reset()
+    return NOTHING
+
+
+def _mig_data_read(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    p = req.payload
+    assert isinstance(p, wire.MigData)
+    if s.device.mig_state() not in (wire.MigState.PRE_COPY, wire.MigState.STOP_COPY):
+        raise DeviceError("MIG_DATA_READ outside PRE_COPY/STOP_COPY", errno.EINVAL)
+    data = s.device.mig_data_read(p.size)[:p.size]
+    return wire.MigData(wire.MigData.SIZE + len(data), len(data), data), []
+
+
+def _mig_data_write(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    p = req.payload
+    assert isinstance(p, wire.MigData)
+    if s.device.mig_state() is not wire.MigState.RESUMING:
+        raise DeviceError("MIG_DATA_WRITE outside RESUMING", errno.EINVAL)
+    s.device.mig_data_write(p.data)
+    return NOTHING
+
+
+def _feature(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    return handle_feature(s.device, req)
+
+
+HANDLERS: dict[Command, Handler] = {
+    Command.VERSION: _version,
+    Command.DMA_MAP: _dma_map,
+    Command.DMA_UNMAP: _dma_unmap,
+    Command.DEVICE_GET_INFO: _device_info,
+    Command.DEVICE_GET_REGION_INFO: _region_info,
+    Command.DEVICE_GET_REGION_IO_FDS: _region_io_fds,
+    Command.DEVICE_GET_IRQ_INFO: _irq_info,
+    Command.DEVICE_SET_IRQS: _set_irqs,
+    Command.REGION_READ: _region_read,
+    Command.REGION_WRITE: _region_write,
+    Command.REGION_WRITE_MULTI: _write_multi,
+    Command.DEVICE_RESET: _reset,
+    Command.DEVICE_FEATURE: _feature,
+    Command.MIG_DATA_READ: _mig_data_read,
+    Command.MIG_DATA_WRITE: _mig_data_write,
+}
+
+
+def serve_forever(device: Device, listener: socket.socket, **kw: object) -> None:
+    """Convenience: Server(device, **kw).serve(listener)."""
+    Server(device, **kw).serve(listener)  # type: ignore[arg-type]
+
+
+def run_in_thread(server: Server, listener: socket.socket) -> threading.Thread:
+    t = threading.Thread(target=server.serve, args=(listener,), daemon=True,
+                         name="vfio-user-server")
+    t.start()
+    return t
+
