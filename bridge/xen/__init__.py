@@ -1,0 +1,1 @@
+"""Xen front end of the xdev bridge: ioreq server, guest memory, interrupts, xenstore."""
