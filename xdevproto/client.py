@@ -1,11 +1,10 @@
 """The vfio-user client: drives a device server.
 
 Calls are synchronous and made from one thread at a time (a lock enforces
-it). While a call waits for its reply, DMA_READ/DMA_WRITE commands the
-server sends in between are answered from the client's guest memory. When
-the server may DMA at other times (a disk server completing I/O), call
-:meth:`Client.start_dma_service`: a thread then answers those commands --
-on the twin socket when one was negotiated, which is why we offer it.
+it). Server commands (DMA_READ/DMA_WRITE) are answered from the client's
+guest memory: when a twin socket was negotiated (we offer one) by a thread
+that serves it; otherwise inline while a call waits for its reply, and, if
+:meth:`Client.start_dma_service` was called, by a thread between calls.
 """
 
 from __future__ import annotations
@@ -95,9 +94,14 @@ class Client:
         with self._lock:
             self.transport.send(self.conn.start_version())
             reply = self._await(None)
+        if reply.error:
+            raise RemoteError(Command.VERSION, reply.error)
         if reply.fds:
             tsock = socket.socket(fileno=reply.fds[0])
             self._twin = (Transport(tsock, max_recv_fds=0), self.conn.twin())
+            # Server commands now come only on the twin socket: a thread
+            # blocked on it costs the main socket's round trips nothing.
+            self.start_dma_service()
 
     @property
     def server_max_xfer(self) -> int:

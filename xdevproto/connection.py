@@ -219,7 +219,8 @@ class Connection:
         for fds in self._fds_at.values():
             close_fds(fds)
         self._fds_at.clear()
-        self._buf.clear()
+        self._buf = bytearray()  # a payload view may still be exported
+        self._pos = 0
         self._pending.clear()
 
     def _fatal(self, message: str, err: int = errno.EINVAL) -> PeerProtocolError:
@@ -465,7 +466,7 @@ class Connection:
         if flags & HeaderFlags.ERROR:
             close_fds(fds)
             if expected is Command.VERSION:
-                raise self._fatal("server refused VERSION", error or errno.EINVAL)
+                self.state = State.CLOSED  # the caller reports the errno and hangs up
             return Reply(msg_id, expected, None, [], error or errno.EINVAL)
         try:
             if len(fds) > _reply_fd_limit(expected):

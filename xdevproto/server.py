@@ -366,8 +366,8 @@ class Server:
                 if worker is not None and not worker.is_alive():
                     worker = None
                     served += 1
-                    if max_sessions is not None and served >= max_sessions:
-                        return
+                if max_sessions is not None and served >= max_sessions:
+                    return
                 try:
                     sock, _ = listener.accept()
                 except TimeoutError:
@@ -376,9 +376,14 @@ class Server:
                 if not self._permitted(sock):
                     sock.close()
                     continue
-                if worker is not None:
+                if worker is not None and worker.is_alive():
                     threading.Thread(target=refuse_busy, args=(sock,), daemon=True).start()
                     continue
+                if worker is not None:
+                    served += 1
+                    if max_sessions is not None and served >= max_sessions:
+                        sock.close()
+                        return
                 worker = threading.Thread(target=self.serve_connection, args=(sock,),
                                           name="vfio-user-session", daemon=True)
                 worker.start()

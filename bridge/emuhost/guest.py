@@ -41,6 +41,13 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# Debian's static busybox has no lspci applet; this prints what "lspci -n"
+# would, from sysfs: "0000:00:01.0 0601: 8086:7000".
+command -v lspci >/dev/null 2>&1 || lspci() {
+    for d in /sys/bus/pci/devices/*; do
+        echo "${d##*/} $(cut -c3-6 "$d/class"): $(cut -c3- "$d/vendor"):$(cut -c3- "$d/device")"
+    done
+}
 """
 
 _INIT_EPILOGUE = """

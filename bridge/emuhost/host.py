@@ -227,8 +227,11 @@ class EmuHost:
             "".join(f"export {key}={shlex.quote(value)}\n" for key, value in variables.items())
         )
         (results_dir / "shares").write_text(
-            "xdevrepo ro\n"
-            + "".join(f"{tag} {'ro' if s.readonly else 'rw'}\n" for tag, s in all_shares.items())
+            "xdevrepo /xdev/repo ro\n"
+            + "".join(
+                f"{tag} /xdev/{tag} {'ro' if s.readonly else 'rw'}\n"
+                for tag, s in all_shares.items()
+            )
         )
         guest_dir = results_dir / GUESTS_SUBDIR
         guest_dir.mkdir(exist_ok=True)

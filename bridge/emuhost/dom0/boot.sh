@@ -12,12 +12,12 @@ set -u
 echo "boot.sh: started at dom0 uptime $(cut -d' ' -f1 /proc/uptime) s"
 . "$R/env"
 
-# Extra shares: one "tag ro|rw" per line; each is mounted at /xdev/TAG.
-while read -r tag mode; do
+# Other shares: one "TAG MOUNTPOINT ro|rw" per line.
+while read -r tag point mode; do
     [ -n "$tag" ] || continue
-    mkdir -p "/xdev/$tag"
-    mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$mode" "$tag" "/xdev/$tag" \
-        || echo "boot.sh: mounting share $tag failed"
+    mkdir -p "$point"
+    mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$mode" "$tag" "$point" \
+        || echo "boot.sh: mounting share $tag at $point failed"
 done < "$R/shares"
 
 # xenstored and xenconsoled come from the xen init script; wait until xl works.

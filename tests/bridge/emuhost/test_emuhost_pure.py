@@ -215,7 +215,7 @@ def test_prepare_writes_what_dom0_reads(tmp_path: Path) -> None:
     env = (results / "env").read_text()
     assert "export XDEV_SCRIPT_TIMEOUT=99\n" in env
     assert "export XDEV_GUEST_KERNEL=/boot/vmlinuz-6.1\n" in env
-    assert (results / "shares").read_text() == "xdevrepo ro\ndata rw\n"
+    assert (results / "shares").read_text() == "xdevrepo /xdev/repo ro\ndata /xdev/data rw\n"
     assert 'kernel = "/boot/vmlinuz-6.1"' in (results / "guests/g.cfg").read_text()
     assert (results / "guests/g.initrd").read_bytes()[:2] == b"\x1f\x8b"
 
