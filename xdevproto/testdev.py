@@ -27,7 +27,7 @@ import threading
 from collections.abc import Sequence
 
 from . import wire
-from .device import Device, DeviceContext, DmaRegion, IrqDesc, NO_REGION, RegionDesc
+from .device import NO_REGION, Device, DeviceContext, DmaRegion, IrqDesc, RegionDesc
 from .errors import DeviceError, VfioUserError
 from .wire import IrqIndex, MigrationFlags, MigState, PciRegion, RegionFlags
 
