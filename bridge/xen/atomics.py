@@ -36,6 +36,9 @@ class Atomics:
         self._lib = lib
         self._ffi = ffi
         self.atomic = lib is not None
+        # getattr: a literal "__atomic_..." inside a class body would be name-mangled.
+        self._fetch_add = getattr(lib, "__atomic_fetch_add_4", None)
+        self._load = getattr(lib, "__atomic_load_4", None)
 
     @classmethod
     def load(cls) -> Atomics:
@@ -57,18 +60,17 @@ class Atomics:
 
     def fetch_add_u32(self, mapping: SharedMapping, offset: int, value: int) -> int:
         """Atomically add ``value`` (mod 2**32) to the u32 at ``offset``; return the old value."""
-        if self._lib is None:
+        if self._fetch_add is None:
             old: int = _U32.unpack_from(mapping.view, offset)[0]
             _U32.pack_into(mapping.view, offset, (old + value) & 0xFFFFFFFF)
             return old
-        return int(self._lib.__atomic_fetch_add_4(self._ptr(mapping, offset),
-                                                  value & 0xFFFFFFFF, _SEQ_CST))
+        return int(self._fetch_add(self._ptr(mapping, offset), value & 0xFFFFFFFF, _SEQ_CST))
 
     def load_u32(self, mapping: SharedMapping, offset: int) -> int:
-        if self._lib is None:
+        if self._load is None:
             value: int = _U32.unpack_from(mapping.view, offset)[0]
             return value
-        return int(self._lib.__atomic_load_4(self._ptr(mapping, offset), _SEQ_CST))
+        return int(self._load(self._ptr(mapping, offset), _SEQ_CST))
 
     def fence(self) -> None:
         """A full barrier (rmb + wmb).  Without libatomic this relies on x86 TSO."""

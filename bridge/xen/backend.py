@@ -32,8 +32,16 @@ class XenBackend(Protocol):
 
     # libxendevicemodel (tools/include/xendevicemodel.h)
     def create_ioreq_server(self, domid: int, handle_bufioreq: int) -> int: ...
-    def get_ioreq_server_info(self, domid: int, server: int,
-                              want_buffered: bool) -> tuple[int, int | None, int | None]: ...
+    def get_ioreq_server_info(self, domid: int, server: int, want_gfns: bool,
+                              want_buffered: bool
+                              ) -> tuple[int | None, int | None, int | None]:
+        """(ioreq gfn, bufioreq gfn, bufioreq port); gfns only if ``want_gfns``.
+
+        Asking for gfns makes Xen place the pages in the guest physmap, where
+        the guest can write them (XSA-199); after a resource mapping, ask
+        only for the port (libxendevicemodel then sets XEN_DMOP_no_gfns).
+        """
+        ...
     def set_ioreq_server_state(self, domid: int, server: int, enabled: bool) -> None: ...
     def destroy_ioreq_server(self, domid: int, server: int) -> None: ...
     def map_io_range(self, domid: int, server: int, is_mmio: bool,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 from typing import Any
 
 from bridge.xen.abi import PAGE_SIZE
@@ -199,6 +200,10 @@ class XenLibs:
         self._fmh = _open_handle("xenforeignmemory_open", self._fm.xenforeignmemory_open)
         self._evh = _open_handle("xenevtchn_open", self._ev.xenevtchn_open)
         self._ffi = ffi
+        # libxenevtchn opens /dev/xen/evtchn blocking; a non-blocking fd lets
+        # pending() drain every port after one poll and return None when empty.
+        fd = self.evtchn_fd()
+        os.set_blocking(fd, False)
 
     def close(self) -> None:
         for handle, closer in ((self._evh, self._ev.xenevtchn_close),
@@ -219,17 +224,18 @@ class XenLibs:
         check_result("xendevicemodel_create_ioreq_server", rc == 0, f"domain {domid}")
         return int(sid[0])
 
-    def get_ioreq_server_info(self, domid: int, server: int,
-                              want_buffered: bool) -> tuple[int, int | None, int | None]:
-        gfn = self._ffi.new("xen_pfn_t *")
-        bgfn = self._ffi.new("xen_pfn_t *") if want_buffered else self._ffi.NULL
-        bport = self._ffi.new("evtchn_port_t *") if want_buffered else self._ffi.NULL
+    def get_ioreq_server_info(self, domid: int, server: int, want_gfns: bool,
+                              want_buffered: bool
+                              ) -> tuple[int | None, int | None, int | None]:
+        null = self._ffi.NULL
+        gfn = self._ffi.new("xen_pfn_t *") if want_gfns else null
+        bgfn = self._ffi.new("xen_pfn_t *") if want_gfns and want_buffered else null
+        bport = self._ffi.new("evtchn_port_t *") if want_buffered else null
         rc = self._dm.xendevicemodel_get_ioreq_server_info(self._dmh, domid, server, gfn,
                                                            bgfn, bport)
         check_result("xendevicemodel_get_ioreq_server_info", rc == 0)
-        if not want_buffered:
-            return int(gfn[0]), None, None
-        return int(gfn[0]), int(bgfn[0]), int(bport[0])
+        return (int(gfn[0]) if gfn != null else None, int(bgfn[0]) if bgfn != null else None,
+                int(bport[0]) if bport != null else None)
 
     def set_ioreq_server_state(self, domid: int, server: int, enabled: bool) -> None:
         rc = self._dm.xendevicemodel_set_ioreq_server_state(self._dmh, domid, server,

@@ -1,0 +1,299 @@
+"""An in-memory Xen for tests: the :class:`XenBackend` calls plus the hypervisor's side.
+
+The bridge's own tests (and the bridge core's) drive a real
+:class:`~bridge.xen.ioreq_server.IoreqServer` against this: pages are
+bytearrays (shared, not copied, so the atomics act on them), event
+channels are a queue behind a pipe whose read end is the pollable fd, and
+guest RAM is one bytearray.  The hypervisor side is :meth:`FakeXen.send`
+(a vCPU issues an ioreq), :meth:`FakeXen.push_buffered` (Xen appends to the
+buffered ring) and :meth:`FakeXen.kill_domain`.
+
+Not a model of Xen's scheduling: the test calls the server's step between
+sending and checking, as a vCPU would wait for the event.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import cffi
+
+from bridge.xen import abi
+from bridge.xen.errors import DomainGone, XenCallError
+
+_ffi = cffi.FFI()
+FAKE_IOREQ_GFN = 0xFEFF0
+FAKE_BUFIOREQ_GFN = 0xFEFF1
+
+
+class FakeMapping:
+    """A view of a bytearray, with the address the atomics need."""
+
+    def __init__(self, backing: bytearray, offset: int, length: int) -> None:
+        self._cdata = _ffi.from_buffer(backing)  # keeps the address stable and alive
+        self._view: memoryview | None = memoryview(backing)[offset:offset + length]
+        self._address = int(_ffi.cast("uintptr_t", self._cdata)) + offset
+        self.closed = False
+
+    @property
+    def view(self) -> memoryview:
+        if self._view is None:
+            raise ValueError("mapping is closed")
+        return self._view
+
+    @property
+    def address(self) -> int:
+        return self._address
+
+    def close(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+            self.closed = True
+
+
+@dataclass
+class FakeServer:
+    """One ioreq server as the hypervisor sees it."""
+
+    bufioreq: int
+    # Frame 0 = buffered page, frame 1 = ioreq page (XENMEM_resource_ioreq_server).
+    pages: bytearray = field(default_factory=lambda: bytearray(2 * abi.PAGE_SIZE))
+    enabled: bool = False
+    pcidevs: set[tuple[int, int, int, int]] = field(default_factory=set)
+    ranges: set[tuple[bool, int, int]] = field(default_factory=set)
+    buf_remote_port: int = 0
+
+    @property
+    def ioreq_page(self) -> memoryview:
+        return memoryview(self.pages)[abi.PAGE_SIZE:]
+
+    @property
+    def buf_page(self) -> memoryview:
+        return memoryview(self.pages)[:abi.PAGE_SIZE]
+
+
+class FakeXen:
+    """A :class:`~bridge.xen.backend.XenBackend` for one guest, in memory."""
+
+    def __init__(self, domid: int = 7, vcpus: int = 2, ram_pages: int = 1024,
+                 *, resource_mapping: bool = True) -> None:
+        self.domid = domid
+        self.vcpus = vcpus
+        self.ram_pages = ram_pages
+        self.resource_mapping = resource_mapping
+        # Slack past the end keeps bucket-sized mappings contiguous; its pages report errors.
+        self.ram = bytearray((ram_pages + 256) * abi.PAGE_SIZE)
+        self.holes: set[int] = set()
+        self.servers: dict[int, FakeServer] = {}
+        self.calls: list[tuple[Any, ...]] = []
+        self.alive = True
+        self.intx: dict[tuple[int, int, int, int], int] = {}
+        self.msis: list[tuple[int, int]] = []
+        self.maps: list[FakeMapping] = []
+        # Event channels: local port -> remote port; pending queue; pipe for poll().
+        self.bound: dict[int, int] = {}
+        self.masked: set[int] = set()
+        self.notified: list[int] = []
+        self._pending: collections.deque[int] = collections.deque()
+        self._next_port = 1
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+
+    # -- helpers ----------------------------------------------------------
+    def _live(self, domid: int) -> None:
+        if not self.alive or domid != self.domid:
+            raise DomainGone("fake", errno.ESRCH, f"domain {domid}")
+
+    def _server(self, domid: int, server: int) -> FakeServer:
+        self._live(domid)
+        if server not in self.servers:
+            raise XenCallError("fake", errno.ENOENT, f"no ioreq server {server}")
+        return self.servers[server]
+
+    @staticmethod
+    def vp_eport(vcpu: int) -> int:
+        """The guest-side port Xen allocated for ``vcpu``."""
+        return 100 + vcpu
+
+    # -- libxendevicemodel ---------------------------------------------------
+    def create_ioreq_server(self, domid: int, handle_bufioreq: int) -> int:
+        self._live(domid)
+        if len(self.servers) >= 7:  # MAX_NR_IOREQ_SERVERS minus the default server
+            raise XenCallError("fake", errno.ENOSPC)
+        sid = len(self.servers) + 1
+        srv = FakeServer(handle_bufioreq, buf_remote_port=90 + sid)
+        for vcpu in range(self.vcpus):
+            raw = abi.RawIoreq(0, 0, 0, 0, self.vp_eport(vcpu), 0, 0, 0, 0, 0, 0, 0)
+            abi.ioreq_slot(srv.ioreq_page, vcpu)[:] = abi.pack_ioreq(raw)
+        self.servers[sid] = srv
+        self.calls.append(("create", sid, handle_bufioreq))
+        return sid
+
+    def get_ioreq_server_info(self, domid: int, server: int, want_gfns: bool,
+                              want_buffered: bool
+                              ) -> tuple[int | None, int | None, int | None]:
+        srv = self._server(domid, server)
+        self.calls.append(("info", server, want_gfns))
+        port = srv.buf_remote_port if want_buffered else None
+        if not want_gfns:
+            return None, None, port
+        return FAKE_IOREQ_GFN, FAKE_BUFIOREQ_GFN if want_buffered else None, port
+
+    def set_ioreq_server_state(self, domid: int, server: int, enabled: bool) -> None:
+        self._server(domid, server).enabled = enabled
+        self.calls.append(("set_state", server, enabled))
+
+    def destroy_ioreq_server(self, domid: int, server: int) -> None:
+        self._server(domid, server)
+        del self.servers[server]
+        self.calls.append(("destroy", server))
+
+    def map_io_range(self, domid: int, server: int, is_mmio: bool, start: int,
+                     end: int) -> None:
+        self._server(domid, server).ranges.add((is_mmio, start, end))
+
+    def unmap_io_range(self, domid: int, server: int, is_mmio: bool, start: int,
+                       end: int) -> None:
+        self._server(domid, server).ranges.discard((is_mmio, start, end))
+
+    def map_pcidev(self, domid: int, server: int, segment: int, bus: int, device: int,
+                   function: int) -> None:
+        self._server(domid, server).pcidevs.add((segment, bus, device, function))
+
+    def unmap_pcidev(self, domid: int, server: int, segment: int, bus: int, device: int,
+                     function: int) -> None:
+        self._server(domid, server).pcidevs.discard((segment, bus, device, function))
+
+    def set_pci_intx_level(self, domid: int, segment: int, bus: int, device: int,
+                           intx: int, level: int) -> None:
+        self._live(domid)
+        self.intx[(segment, bus, device, intx)] = level
+
+    def inject_msi(self, domid: int, addr: int, data: int) -> None:
+        self._live(domid)
+        self.msis.append((addr, data))
+
+    def nr_vcpus(self, domid: int) -> int:
+        self._live(domid)
+        return self.vcpus
+
+    # -- libxenforeignmemory -------------------------------------------------
+    def map_resource(self, domid: int, rtype: int, rid: int, frame: int,
+                     nr_frames: int) -> FakeMapping:
+        if not self.resource_mapping:
+            raise XenCallError("xenforeignmemory_map_resource", errno.EOPNOTSUPP)
+        srv = self._server(domid, rid)
+        if rtype != abi.XENMEM_RESOURCE_IOREQ_SERVER or frame + nr_frames > 2:
+            raise XenCallError("fake", errno.EINVAL)
+        mapping = FakeMapping(srv.pages, frame * abi.PAGE_SIZE, nr_frames * abi.PAGE_SIZE)
+        self.maps.append(mapping)
+        return mapping
+
+    def map_foreign(self, domid: int, gfns: list[int]) -> tuple[FakeMapping, list[int]]:
+        self._live(domid)
+        for gfn, page in ((FAKE_IOREQ_GFN, 1), (FAKE_BUFIOREQ_GFN, 0)):
+            if gfns == [gfn] and not self.resource_mapping:
+                srv = self.servers[max(self.servers)]
+                mapping = FakeMapping(srv.pages, page * abi.PAGE_SIZE, abi.PAGE_SIZE)
+                self.maps.append(mapping)
+                return mapping, [0]
+        first = gfns[0]
+        if gfns != list(range(first, first + len(gfns))):
+            raise XenCallError("fake", errno.EINVAL, "fake maps contiguous gfns only")
+        if (first + len(gfns)) * abi.PAGE_SIZE > len(self.ram):
+            raise XenCallError("xenforeignmemory_map", errno.EFAULT)
+        errs = [errno.ENOENT if g >= self.ram_pages or g in self.holes else 0 for g in gfns]
+        mapping = FakeMapping(self.ram, first * abi.PAGE_SIZE, len(gfns) * abi.PAGE_SIZE)
+        self.maps.append(mapping)
+        return mapping, errs
+
+    # -- libxenevtchn ----------------------------------------------------------
+    def evtchn_fd(self) -> int:
+        return self._rfd
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        self._live(domid)
+        port = self._next_port
+        self._next_port += 1
+        self.bound[port] = remote_port
+        return port
+
+    def unbind(self, port: int) -> None:
+        if port not in self.bound:
+            raise XenCallError("xenevtchn_unbind", errno.EINVAL)
+        del self.bound[port]
+
+    def pending(self) -> int | None:
+        if not self._pending:
+            return None
+        os.read(self._rfd, 1)
+        port = self._pending.popleft()
+        self.masked.add(port)  # the kernel masks a port when it reports it
+        return port
+
+    def unmask(self, port: int) -> None:
+        self.masked.discard(port)
+
+    def notify(self, port: int) -> None:
+        if port not in self.bound:
+            raise XenCallError("xenevtchn_notify", errno.EINVAL)
+        self.notified.append(port)
+
+    # -- the hypervisor's side ---------------------------------------------------
+    def _fire(self, remote_port: int) -> None:
+        for local, remote in self.bound.items():
+            if remote == remote_port:
+                self._pending.append(local)
+                os.write(self._wfd, b"e")
+                return
+        raise AssertionError(f"nobody bound remote port {remote_port}")
+
+    def write_slot(self, server: int, vcpu: int, raw: abi.RawIoreq) -> None:
+        """Store ``raw`` as is (hostile values welcome) and signal the vCPU's port."""
+        abi.ioreq_slot(self.servers[server].ioreq_page, vcpu)[:] = abi.pack_ioreq(raw)
+        self._fire(self.vp_eport(vcpu))
+
+    def send(self, server: int, vcpu: int, typ: abi.IoreqType, direction: abi.IoreqDir,
+             addr: int, size: int, data: int = 0, count: int = 1, *,
+             data_is_ptr: bool = False, df: bool = False) -> None:
+        """A vCPU's access, as Xen would post it."""
+        if not self.servers[server].enabled:
+            raise AssertionError("Xen sends nothing to a disabled server")
+        self.write_slot(server, vcpu, abi.RawIoreq(
+            addr, data, count, size, self.vp_eport(vcpu), 0, abi.IoreqState.IOREQ_READY,
+            int(data_is_ptr), int(direction), int(df), 0, int(typ)))
+
+    def slot(self, server: int, vcpu: int) -> abi.RawIoreq:
+        return abi.unpack_ioreq(abi.ioreq_slot(self.servers[server].ioreq_page, vcpu))
+
+    def push_buffered(self, server: int, entries: list[bytes], *, signal: bool = True) -> None:
+        """Append raw slots at write_pointer, then advance it (Xen's order)."""
+        page = self.servers[server].buf_page
+        wp = int.from_bytes(page[4:8], "little")
+        for i, entry in enumerate(entries):
+            off = abi.buf_slot_offset(wp + i)
+            page[off:off + abi.BUF_IOREQ_SIZE] = entry
+        page[4:8] = ((wp + len(entries)) & 0xFFFFFFFF).to_bytes(4, "little")
+        if signal:
+            self._fire(self.servers[server].buf_remote_port)
+
+    def set_ring_pointers(self, server: int, read: int, write: int) -> None:
+        page = self.servers[server].buf_page
+        page[0:4] = (read & 0xFFFFFFFF).to_bytes(4, "little")
+        page[4:8] = (write & 0xFFFFFFFF).to_bytes(4, "little")
+
+    def ring_pointers(self, server: int) -> tuple[int, int]:
+        page = self.servers[server].buf_page
+        return int.from_bytes(page[0:4], "little"), int.from_bytes(page[4:8], "little")
+
+    def kill_domain(self) -> None:
+        self.alive = False
+
+    def close(self) -> None:
+        os.close(self._rfd)
+        os.close(self._wfd)

@@ -1,0 +1,156 @@
+"""Guest RAM through foreign mappings, with a bounded cache.
+
+Guest-physical memory is mapped in 1 MiB buckets (256 pages, the bucket
+size QEMU's Xen mapcache uses on 64-bit hosts) with
+``xenforeignmemory_map``; at most ``max_buckets`` stay mapped, least
+recently used first out.  Xen sends ``IOREQ_TYPE_INVALIDATE`` when the
+guest's physmap shrinks (ballooning), and :meth:`GuestMemory.invalidate`
+then drops every mapping.
+
+Pages Xen refused to map (holes, MMIO, unpopulated) are remembered per
+bucket; touching one re-maps the bucket once (the guest may have populated
+it since) and otherwise raises :class:`GuestMemoryError`.  Every access is
+bounds-checked against ``limit`` (the guest-physical address width) and
+``MAX_ACCESS``; no view of a mapping ever leaves this module, so an
+evicted mapping cannot be used after unmap.
+
+Used for rep/``data_is_ptr`` strings of ioreqs and to serve vfio-user
+DMA_READ/DMA_WRITE for device servers (the bridge core converts
+:class:`GuestMemoryError` into the reply's errno, EFAULT).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+
+from bridge.xen.abi import PAGE_SHIFT, PAGE_SIZE
+from bridge.xen.backend import SharedMapping, XenBackend
+from bridge.xen.errors import GuestMemoryError, XenCallError
+
+BUCKET_SHIFT = 20
+BUCKET_SIZE = 1 << BUCKET_SHIFT
+PAGES_PER_BUCKET = BUCKET_SIZE >> PAGE_SHIFT
+DEFAULT_MAX_BUCKETS = 64  # 64 MiB of address space mapped at most
+DEFAULT_LIMIT = 1 << 52  # x86-64 architectural maximum physical address width
+MAX_ACCESS = 1 << 24  # one call moves at most 16 MiB
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Bucket:
+    mapping: SharedMapping
+    errors: list[int]
+    remapped: bool = False
+    bad_pages: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.bad_pages = {i for i, err in enumerate(self.errors) if err}
+
+
+class GuestMemory:
+    """Read and write one guest's RAM by guest-physical address."""
+
+    def __init__(self, xen: XenBackend, domid: int, *, max_buckets: int = DEFAULT_MAX_BUCKETS,
+                 limit: int = DEFAULT_LIMIT) -> None:
+        if max_buckets < 2:
+            raise ValueError("max_buckets must be at least 2")
+        self._xen = xen
+        self._domid = domid
+        self._max = max_buckets
+        self._limit = limit
+        # One access never spans more buckets than the cache holds, so no
+        # bucket it uses is evicted (and unmapped) before the copy.
+        self._max_access = min(MAX_ACCESS, (max_buckets - 1) * BUCKET_SIZE)
+        self._buckets: collections.OrderedDict[int, _Bucket] = collections.OrderedDict()
+        self.maps = 0  # buckets mapped so far (tests and statistics)
+
+    def _check(self, gpa: int, length: int) -> None:
+        if length < 0 or length > self._max_access:
+            raise GuestMemoryError(gpa, length, f"length outside 0..{self._max_access:#x}")
+        if gpa < 0 or gpa + length > self._limit:
+            raise GuestMemoryError(gpa, length, f"beyond guest address limit {self._limit:#x}")
+
+    def _map(self, index: int) -> _Bucket:
+        first = index * PAGES_PER_BUCKET
+        try:
+            mapping, errors = self._xen.map_foreign(
+                self._domid, list(range(first, first + PAGES_PER_BUCKET)))
+        except XenCallError as exc:
+            raise GuestMemoryError(index << BUCKET_SHIFT, BUCKET_SIZE,
+                                   f"cannot map: {exc}") from exc
+        self.maps += 1
+        return _Bucket(mapping, errors)
+
+    def _bucket(self, index: int, page: int) -> _Bucket:
+        """The mapped bucket, LRU-refreshed, with ``page`` valid in it."""
+        bucket = self._buckets.get(index)
+        if bucket is not None and page in bucket.bad_pages and not bucket.remapped:
+            self._drop(index)
+            bucket = None
+            remapped = True
+        else:
+            remapped = False
+        if bucket is None:
+            bucket = self._map(index)
+            bucket.remapped = remapped
+            self._buckets[index] = bucket
+            while len(self._buckets) > self._max:
+                self._drop(next(iter(self._buckets)))
+        else:
+            self._buckets.move_to_end(index)
+        if page in bucket.bad_pages:
+            gpa = (index << BUCKET_SHIFT) + (page << PAGE_SHIFT)
+            raise GuestMemoryError(gpa, PAGE_SIZE,
+                                   f"page not mapped (errno {bucket.errors[page]})")
+        return bucket
+
+    def _drop(self, index: int) -> None:
+        bucket = self._buckets.pop(index)
+        bucket.mapping.close()
+
+    def _chunks(self, gpa: int, length: int) -> list[tuple[_Bucket, int, int, int]]:
+        """(bucket, offset in bucket, offset in caller's buffer, length) per page piece."""
+        pieces = []
+        done = 0
+        while done < length:
+            addr = gpa + done
+            index, offset = addr >> BUCKET_SHIFT, addr & (BUCKET_SIZE - 1)
+            n = min(length - done, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
+            pieces.append((self._bucket(index, offset >> PAGE_SHIFT), offset, done, n))
+            done += n
+        return pieces
+
+    def readinto(self, gpa: int, buf: memoryview | bytearray) -> None:
+        """Fill ``buf`` from guest-physical ``gpa``; all or nothing is validated first."""
+        out = memoryview(buf).cast("B")
+        self._check(gpa, len(out))
+        for bucket, offset, at, n in self._chunks(gpa, len(out)):
+            out[at:at + n] = bucket.mapping.view[offset:offset + n]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        self._check(gpa, length)
+        buf = bytearray(length)
+        self.readinto(gpa, buf)
+        return bytes(buf)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy ``data`` to guest-physical ``gpa``; every page is checked before any write."""
+        src = memoryview(data).cast("B")
+        self._check(gpa, len(src))
+        for bucket, offset, at, n in self._chunks(gpa, len(src)):
+            bucket.mapping.view[offset:offset + n] = src[at:at + n]
+
+    def invalidate(self) -> None:
+        """Drop every mapping (IOREQ_TYPE_INVALIDATE)."""
+        for index in list(self._buckets):
+            self._drop(index)
+
+    @property
+    def mapped_buckets(self) -> int:
+        return len(self._buckets)
+
+    def close(self) -> None:
+        self.invalidate()

@@ -1,0 +1,401 @@
+"""A secondary ioreq server for one guest: life cycle and request loop.
+
+Theory of operation (public/hvm/dm_op.h, public/hvm/ioreq.h, public/memory.h):
+
+1. ``start``: create the server (``HVM_IOREQSRV_BUFIOREQ_ATOMIC`` when
+   libatomic gives us an atomic add, else without a buffered ring), map its
+   pages with ``xenforeignmemory_map_resource`` (frame 0 = buffered ring,
+   frame 1 = the ``shared_iopage_t``) or, where the hypervisor lacks
+   resource mapping, through the gfns ``get_ioreq_server_info`` returns;
+   enable it; bind each vCPU's ``vp_eport`` and the buffered port.
+2. ``claim_pci`` / ``claim_range`` route a PCI function, or a port or MMIO
+   range (end inclusive), to us; only requests entirely inside a claimed
+   range come here (dm_op.h).
+3. Each request (``handle_events``): a port fires; unmask it; the vCPU's
+   slot must be IOREQ_READY; barrier; take one private snapshot of the slot
+   (the guest may be able to write the page, XSA-199, so fields are read
+   once and validated); mark INPROCESS; perform it through the
+   :class:`IoHandler`; store the data; barrier; mark IORESP_READY; notify.
+   An invalid request or a failing handler completes as an unanswered
+   access: reads return all-ones, writes are dropped; it is logged (rate
+   limited) and counted.
+4. The buffered ring (``poll_buffered``, on its port and on a 100 ms timer
+   as QEMU does): writes only, consumed between ``read_pointer`` and
+   ``write_pointer``, the read pointer advanced atomically; inconsistent
+   pointers are resynchronised, never followed.
+5. ``close``: disable, unbind, unmap, destroy (Xen drops the claims with
+   the server).  Tolerates a guest that has already died.
+
+The bridge core owns the loop: either call :meth:`run`, or put
+:meth:`fileno` into its own selector and call :meth:`handle_events` when
+readable and :meth:`poll_buffered` at least every 100 ms.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import select
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bridge.xen import abi
+from bridge.xen.abi import Ioreq, IoreqDir, IoreqState, IoreqType, Sbdf
+from bridge.xen.atomics import Atomics
+from bridge.xen.backend import SharedMapping, XenBackend
+from bridge.xen.dispatch import execute
+from bridge.xen.errors import (
+    DomainGone,
+    GuestError,
+    RingError,
+    XenCallError,
+    XenError,
+)
+from bridge.xen.guestmem import GuestMemory
+from bridge.xen.handler import IoHandler
+
+BUFFERED_POLL_INTERVAL = 0.1  # QEMU's BUFFER_IO_MAX_DELAY (100 ms)
+MAX_EVENTS_PER_STEP = 1024
+_FALLBACK_ERRNOS = {errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY}
+_U64 = struct.Struct("<Q")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerStats:
+    handled: int = 0
+    buffered: int = 0
+    invalid: int = 0
+    handler_errors: int = 0
+    spurious: int = 0
+
+
+class IoreqServer:
+    """One ioreq server of ``domid``, answering through ``handler``."""
+
+    def __init__(self, xen: XenBackend, domid: int, handler: IoHandler, *,
+                 memory: GuestMemory | None = None, atomics: Atomics | None = None,
+                 nr_vcpus: int | None = None, buffered: bool = True) -> None:
+        self._xen = xen
+        self.domid = domid
+        self._handler = handler
+        self._memory = memory
+        self._atomics = atomics if atomics is not None else Atomics.load()
+        self._nr_vcpus = nr_vcpus
+        self._want_buffered = buffered and self._atomics.atomic
+        if buffered and not self._atomics.atomic:
+            log.warning("libatomic.so.1 not found: ioreq server without a buffered ring")
+        self.id: int | None = None
+        self.stats = ServerStats()
+        self.time_offset = 0  # last TIMEOFFSET (seconds, signed), for an RTC model
+        self.legacy_gfn_mapping = False
+        self._mappings: list[SharedMapping] = []
+        self._ioreq_page: memoryview | None = None
+        self._buf_map: SharedMapping | None = None
+        self._vcpu_ports: list[int] = []
+        self._port_vcpu: dict[int, int] = {}
+        self._buf_port: int | None = None
+        self._claims: set[tuple[str, int, int]] = set()
+        self._enabled = False
+        self.closed = False
+
+    # -- life cycle ------------------------------------------------------------
+    def start(self) -> None:
+        """Create, map, enable and bind; on failure everything done is undone."""
+        vcpus = self._nr_vcpus if self._nr_vcpus is not None else self._xen.nr_vcpus(self.domid)
+        if not 1 <= vcpus <= abi.MAX_VCPUS_PER_PAGE:
+            raise XenError(f"domain {self.domid} has {vcpus} vCPUs; one ioreq page holds "
+                           f"{abi.MAX_VCPUS_PER_PAGE}")
+        mode = abi.BufioreqMode.ATOMIC if self._want_buffered else abi.BufioreqMode.OFF
+        self.id = self._xen.create_ioreq_server(self.domid, mode)
+        try:
+            buf_remote = self._map_pages()
+            self._xen.set_ioreq_server_state(self.domid, self.id, True)
+            self._enabled = True
+            self._bind_ports(vcpus, buf_remote)
+        except BaseException:
+            self.close()
+            raise
+        log.info("ioreq server %d for domain %d: %d vCPUs, buffered ring %s%s", self.id,
+                 self.domid, vcpus, "on" if self._buf_map else "off",
+                 " (legacy gfn mapping: guest-writable pages)" if self.legacy_gfn_mapping else "")
+        # An event sent before our ports were bound is lost; look at every slot once.
+        for vcpu in range(vcpus):
+            self._handle_vcpu(vcpu)
+
+    def _map_pages(self) -> int | None:
+        """Map the ioreq page (and ring); return the buffered ring's remote port."""
+        assert self.id is not None
+        buffered = self._want_buffered
+        first = abi.XENMEM_RESOURCE_IOREQ_SERVER_FRAME_BUFIOREQ if buffered else 1
+        try:
+            mapping = self._xen.map_resource(self.domid, abi.XENMEM_RESOURCE_IOREQ_SERVER,
+                                             self.id, first, 2 if buffered else 1)
+        except XenCallError as exc:
+            if exc.errno not in _FALLBACK_ERRNOS:
+                raise
+            return self._map_pages_by_gfn()
+        self._mappings.append(mapping)
+        if buffered:
+            self._buf_map = mapping
+            self._ioreq_page = mapping.view[abi.PAGE_SIZE:2 * abi.PAGE_SIZE]
+        else:
+            self._ioreq_page = mapping.view[:abi.PAGE_SIZE]
+        _, _, port = self._xen.get_ioreq_server_info(self.domid, self.id, False, buffered)
+        return port
+
+    def _map_pages_by_gfn(self) -> int | None:
+        """Hypervisors without XENMEM_acquire_resource: map the gfns Xen names."""
+        assert self.id is not None
+        buffered = self._want_buffered
+        gfn, bgfn, port = self._xen.get_ioreq_server_info(self.domid, self.id, True, buffered)
+        self.legacy_gfn_mapping = True
+        pages = [gfn] + ([bgfn] if buffered else [])
+        for i, frame in enumerate(pages):
+            if frame is None:
+                raise XenError("get_ioreq_server_info returned no gfn")
+            mapping, errs = self._xen.map_foreign(self.domid, [frame])
+            self._mappings.append(mapping)
+            if errs[0]:
+                raise XenCallError("xenforeignmemory_map", errs[0], f"ioreq gfn {frame:#x}")
+            if i == 0:
+                self._ioreq_page = mapping.view[:abi.PAGE_SIZE]
+            else:
+                self._buf_map = mapping
+        return port
+
+    def _bind_ports(self, vcpus: int, buf_remote: int | None) -> None:
+        page = self._page()
+        for vcpu in range(vcpus):
+            # Read once, at set-up: later values in the page are not trusted.
+            remote = struct.unpack_from("<I", page, vcpu * abi.IOREQ_SIZE
+                                        + abi.IOREQ_VP_EPORT_OFFSET)[0]
+            local = self._xen.bind_interdomain(self.domid, remote)
+            self._vcpu_ports.append(local)
+            self._port_vcpu[local] = vcpu
+        if self._buf_map is not None and buf_remote is not None:
+            self._buf_port = self._xen.bind_interdomain(self.domid, buf_remote)
+
+    def _page(self) -> memoryview:
+        if self._ioreq_page is None:
+            raise XenError("ioreq server is not started")
+        return self._ioreq_page
+
+    def close(self) -> None:
+        """Disable, unbind, unmap and destroy; idempotent, tolerant of a dead guest."""
+        if self.closed:
+            return
+        self.closed = True
+        sid = self.id
+        if sid is not None and self._enabled:
+            self._teardown_step("disable", lambda: self._xen.set_ioreq_server_state(
+                self.domid, sid, False))
+        for port in [*self._vcpu_ports, *([self._buf_port] if self._buf_port else [])]:
+            self._teardown_step("unbind", functools.partial(self._xen.unbind, port))
+        self._ioreq_page = None
+        self._buf_map = None
+        for mapping in self._mappings:
+            mapping.close()
+        self._mappings.clear()
+        if sid is not None:
+            self._teardown_step("destroy",
+                                lambda: self._xen.destroy_ioreq_server(self.domid, sid))
+        self._claims.clear()
+
+    def _teardown_step(self, name: str, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except DomainGone:
+            log.info("ioreq server %s: %s skipped, domain %d is gone", self.id, name, self.domid)
+        except XenError as exc:
+            log.warning("ioreq server %s: %s failed: %s", self.id, name, exc)
+
+    def __enter__(self) -> IoreqServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- claims ------------------------------------------------------------------
+    def claim_pci(self, sbdf: Sbdf) -> None:
+        """Route config accesses of one PCI function here (map_pcidev_to_ioreq_server)."""
+        self._xen.map_pcidev(self.domid, self._sid(), sbdf.segment, sbdf.bus, sbdf.device,
+                             sbdf.function)
+        self._claims.add(("pci", sbdf.to_int(), 0))
+
+    def release_pci(self, sbdf: Sbdf) -> None:
+        self._xen.unmap_pcidev(self.domid, self._sid(), sbdf.segment, sbdf.bus, sbdf.device,
+                               sbdf.function)
+        self._claims.discard(("pci", sbdf.to_int(), 0))
+
+    def claim_range(self, mmio: bool, start: int, end: int) -> None:
+        """Route ports or MMIO ``[start, end]`` (end inclusive, as Xen takes it) here."""
+        self._check_range(mmio, start, end)
+        self._xen.map_io_range(self.domid, self._sid(), mmio, start, end)
+        self._claims.add(("mmio" if mmio else "pio", start, end))
+
+    def release_range(self, mmio: bool, start: int, end: int) -> None:
+        self._check_range(mmio, start, end)
+        self._xen.unmap_io_range(self.domid, self._sid(), mmio, start, end)
+        self._claims.discard(("mmio" if mmio else "pio", start, end))
+
+    @property
+    def claims(self) -> frozenset[tuple[str, int, int]]:
+        return frozenset(self._claims)
+
+    @staticmethod
+    def _check_range(mmio: bool, start: int, end: int) -> None:
+        limit = (1 << 64) - 1 if mmio else abi.PIO_PORT_LIMIT - 1
+        if not 0 <= start <= end <= limit:
+            raise ValueError(f"bad {'MMIO' if mmio else 'port'} range [{start:#x}, {end:#x}]")
+
+    def _sid(self) -> int:
+        if self.id is None or self.closed:
+            raise XenError("ioreq server is not running")
+        return self.id
+
+    # -- the loop ------------------------------------------------------------------
+    def fileno(self) -> int:
+        """The event channel fd: readable when a port is pending."""
+        return self._xen.evtchn_fd()
+
+    def handle_events(self) -> int:
+        """Serve every pending port; return how many requests were completed."""
+        done = 0
+        for _ in range(MAX_EVENTS_PER_STEP):
+            if self.closed:
+                break
+            port = self._xen.pending()
+            if port is None:
+                break
+            self._xen.unmask(port)
+            if port == self._buf_port:
+                done += self.poll_buffered()
+            elif port in self._port_vcpu:
+                done += self._handle_vcpu(self._port_vcpu[port])
+            else:
+                log.debug("event on unknown port %d", port)
+        return done
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set, the server is closed or the domain dies."""
+        poller = select.poll()
+        poller.register(self.fileno(), select.POLLIN)
+        try:
+            while not stop.is_set() and not self.closed:
+                poller.poll(int(BUFFERED_POLL_INTERVAL * 1000))
+                self.handle_events()
+                self.poll_buffered()
+        except DomainGone:
+            log.info("domain %d is gone; tearing down ioreq server %s", self.domid, self.id)
+        finally:
+            self.close()
+
+    def _complain(self, what: str, exc: Exception) -> None:
+        n = self.stats.invalid + self.stats.handler_errors
+        if n <= 20 or n % 1000 == 0:
+            log.warning("domain %d: %s (%d so far): %s", self.domid, what, n, exc)
+
+    def _perform(self, req: Ioreq) -> int | None:
+        if req.type is IoreqType.INVALIDATE:
+            if self._memory is not None:
+                self._memory.invalidate()
+            self._handler.invalidate()
+            return None
+        if req.type is IoreqType.TIMEOFFSET:
+            self.time_offset = req.data - (1 << 64) if req.data >> 63 else req.data
+            log.debug("domain %d: time offset %d", self.domid, self.time_offset)
+            return None
+        return execute(req, self._handler, self._memory)
+
+    def _handle_vcpu(self, vcpu: int) -> int:
+        """Serve ``vcpu``'s slot if it holds a request; 1 if one was completed."""
+        if self._ioreq_page is None:
+            return 0
+        slot = abi.ioreq_slot(self._ioreq_page, vcpu)
+        if abi.state_of(slot[abi.IOREQ_STATE_OFFSET]) != IoreqState.IOREQ_READY:
+            self.stats.spurious += 1
+            return 0
+        self._atomics.fence()  # rmb: the fields were written before the state
+        snapshot = bytes(slot)
+        raw = abi.unpack_ioreq(snapshot)
+        bits = snapshot[abi.IOREQ_STATE_OFFSET]
+        slot[abi.IOREQ_STATE_OFFSET] = abi.with_state(bits, IoreqState.IOREQ_INPROCESS)
+        value: int | None
+        try:
+            req = abi.validate(raw)
+            value = self._perform(req)
+        except GuestError as exc:
+            self.stats.invalid += 1
+            self._complain("invalid ioreq completed as unanswered", exc)
+            value = self._unanswered(raw)
+        except DomainGone:
+            raise
+        except Exception as exc:  # a handler bug must not stop the guest's vCPU
+            self.stats.handler_errors += 1
+            self._complain("handler failed", exc)
+            value = self._unanswered(raw)
+        if value is not None:
+            _U64.pack_into(slot, abi.IOREQ_DATA_OFFSET, value)
+        self._atomics.fence()  # wmb: data before state
+        slot[abi.IOREQ_STATE_OFFSET] = abi.with_state(bits, IoreqState.IORESP_READY)
+        self._xen.notify(self._vcpu_ports[vcpu])
+        self.stats.handled += 1
+        return 1
+
+    @staticmethod
+    def _unanswered(raw: abi.RawIoreq) -> int | None:
+        """All-ones for a read returning a value, nothing otherwise."""
+        if raw.dir != IoreqDir.READ or raw.data_is_ptr:
+            return None
+        return abi.size_mask(raw.size) if raw.size in (1, 2, 4, 8) else (1 << 64) - 1
+
+    def poll_buffered(self) -> int:
+        """Consume the buffered ring; return the number of requests performed."""
+        ring = self._buf_map
+        if ring is None or self.closed:
+            return 0
+        at = self._atomics
+        rp = at.load_u32(ring, abi.BUFFERED_READ_POINTER_OFFSET)
+        at.fence()
+        wp = at.load_u32(ring, abi.BUFFERED_WRITE_POINTER_OFFSET)
+        at.fence()
+        avail = (wp - rp) & 0xFFFFFFFF
+        if avail > abi.IOREQ_BUFFER_SLOT_NUM:
+            self.stats.invalid += 1
+            self._complain("buffered ring pointers resynchronised",
+                           RingError(f"read {rp:#x} write {wp:#x}"))
+            at.fetch_add_u32(ring, abi.BUFFERED_READ_POINTER_OFFSET, avail)
+            return 0
+        done = 0
+        view = ring.view
+        while avail:
+            off = abi.buf_slot_offset(rp)
+            first = bytes(view[off:off + abi.BUF_IOREQ_SIZE])
+            slots = abi.buf_ioreq_slots(first)
+            second = None
+            if slots == 2 and avail >= 2:
+                off2 = abi.buf_slot_offset(rp + 1)
+                second = bytes(view[off2:off2 + abi.BUF_IOREQ_SIZE])
+            slots = min(slots, avail)  # a lone half is consumed and rejected
+            try:
+                self._perform(abi.decode_buf_ioreq(first, second))
+                done += 1
+            except GuestError as exc:
+                self.stats.invalid += 1
+                self._complain("invalid buffered ioreq dropped", exc)
+            except DomainGone:
+                raise
+            except Exception as exc:  # a handler bug must not stop the ring
+                self.stats.handler_errors += 1
+                self._complain("handler failed on a buffered write", exc)
+            at.fetch_add_u32(ring, abi.BUFFERED_READ_POINTER_OFFSET, slots)
+            rp += slots
+            avail -= slots
+        self.stats.buffered += done
+        return done
