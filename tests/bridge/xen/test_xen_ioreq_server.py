@@ -288,27 +288,26 @@ def test_teardown_after_the_guest_died(xen: FakeXen, handler: RecordingHandler) 
     assert server.closed and all(m.closed for m in xen.maps)
 
 
-def test_run_serves_until_stopped_and_tears_down(xen: FakeXen,
-                                                 handler: RecordingHandler) -> None:
+def test_run_serves_until_stopped_and_tears_down(xen: FakeXen) -> None:
+    stop = threading.Event()
+
+    class StoppingHandler(RecordingHandler):
+        def mmio_read(self, addr: int, size: int) -> int:
+            stop.set()
+            return super().mmio_read(addr, size)
+
+    handler = StoppingHandler()
     server = IoreqServer(xen, xen.domid, handler)
     server.start()
-    stop = threading.Event()
-    done = threading.Event()
-    handler_read = handler.mmio_read
-
-    def answer_then_stop(addr: int, size: int) -> int:
-        stop.set()
-        done.set()
-        return handler_read(addr, size)
-
-    handler.mmio_read = answer_then_stop  # type: ignore[method-assign]
+    page = xen.servers[sid(server)].ioreq_page  # outlives the server's destruction
     thread = threading.Thread(target=server.run, args=(stop,))
     thread.start()
     xen.send(sid(server), 0, IoreqType.COPY, R, 0xFE000000, 4)
-    assert done.wait(10)
     thread.join(10)
     assert not thread.is_alive()
     assert server.closed
+    assert handler.calls == [("mmio_read", 0xFE000000, 4)]
+    assert abi.unpack_ioreq(abi.ioreq_slot(page, 0)).state == IoreqState.IORESP_READY
     assert ("destroy", 1) in xen.calls
 
 
@@ -338,31 +337,38 @@ def test_without_libatomic_there_is_no_buffered_ring(xen: FakeXen,
     server.close()
 
 
-def test_failed_start_destroys_the_server(xen: FakeXen, handler: RecordingHandler) -> None:
-    def refuse(domid: int, remote_port: int) -> int:
+class RefusingXen(FakeXen):
+    def bind_interdomain(self, domid: int, remote_port: int) -> int:
         raise XenCallError("xenevtchn_bind_interdomain", 22)
 
-    xen.bind_interdomain = refuse  # type: ignore[method-assign]
+
+def test_failed_start_destroys_the_server(handler: RecordingHandler) -> None:
+    xen = RefusingXen()
     server = IoreqServer(xen, xen.domid, handler)
     with pytest.raises(XenCallError):
         server.start()
     assert xen.servers == {}
     assert all(m.closed for m in xen.maps)
+    xen.close()
+
+
+class RacingXen(FakeXen):
+    """Xen posts a request for vCPU 1 right after enabling, before ports are bound."""
+
+    def set_ioreq_server_state(self, domid: int, server: int, enabled: bool) -> None:
+        super().set_ioreq_server_state(domid, server, enabled)
+        if enabled:
+            raw = abi.RawIoreq(0xFE000000, 0, 1, 4, self.vp_eport(1), 0,
+                               IoreqState.IOREQ_READY, 0, R, 0, 0, IoreqType.COPY)
+            abi.ioreq_slot(self.servers[server].ioreq_page, 1)[:] = abi.pack_ioreq(raw)
 
 
 def test_request_posted_before_ports_were_bound_is_served_at_start(
-        xen: FakeXen, handler: RecordingHandler) -> None:
+        handler: RecordingHandler) -> None:
+    xen = RacingXen()
     server = IoreqServer(xen, xen.domid, handler)
-    original = xen.set_ioreq_server_state
-
-    def enable_and_race(domid: int, server_id: int, enabled: bool) -> None:
-        original(domid, server_id, enabled)
-        raw = abi.RawIoreq(0xFE000000, 0, 1, 4, xen.vp_eport(1), 0, IoreqState.IOREQ_READY,
-                           0, R, 0, 0, IoreqType.COPY)
-        abi.ioreq_slot(xen.servers[server_id].ioreq_page, 1)[:] = abi.pack_ioreq(raw)
-
-    xen.set_ioreq_server_state = enable_and_race  # type: ignore[method-assign]
     server.start()
     assert xen.slot(sid(server), 1).state == IoreqState.IORESP_READY
     assert handler.calls == [("mmio_read", 0xFE000000, 4)]
     server.close()
+    xen.close()
