@@ -1,0 +1,102 @@
+"""Guest memory: bounded LRU of 1 MiB foreign mappings, typed errors, invalidation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from bridge.xen.errors import GuestMemoryError
+from bridge.xen.fake import FakeXen
+from bridge.xen.guestmem import BUCKET_SIZE, GuestMemory
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def xen() -> Iterator[FakeXen]:
+    fake = FakeXen(ram_pages=1024)  # 4 MiB of guest RAM
+    yield fake
+    fake.close()
+
+
+def test_read_write_round_trip_across_pages_and_buckets(xen: FakeXen) -> None:
+    mem = GuestMemory(xen, xen.domid)
+    data = bytes(range(256)) * 40
+    gpa = MiB - 5000
+    mem.write(gpa, data)
+    assert bytes(xen.ram[gpa:gpa + len(data)]) == data
+    assert mem.read(gpa, len(data)) == data
+    buf = bytearray(10)
+    mem.readinto(gpa + 3, buf)
+    assert bytes(buf) == data[3:13]
+    assert mem.mapped_buckets == 2
+
+
+def test_lru_keeps_at_most_max_buckets_and_unmaps_the_oldest(xen: FakeXen) -> None:
+    mem = GuestMemory(xen, xen.domid, max_buckets=2)
+    mem.read(0, 1)
+    mem.read(MiB, 1)
+    mem.read(0, 1)  # bucket 0 is now the most recent
+    mem.read(2 * MiB, 1)
+    assert mem.mapped_buckets == 2
+    assert [m.closed for m in xen.maps] == [False, True, False]
+    maps = mem.maps
+    mem.read(0, 1)
+    assert mem.maps == maps  # still cached
+
+
+def test_invalidate_unmaps_everything(xen: FakeXen) -> None:
+    mem = GuestMemory(xen, xen.domid)
+    mem.read(0, 1)
+    mem.read(3 * MiB, 1)
+    mem.invalidate()
+    assert mem.mapped_buckets == 0 and all(m.closed for m in xen.maps)
+
+
+def test_hole_page_refuses_and_nothing_is_written(xen: FakeXen) -> None:
+    mem = GuestMemory(xen, xen.domid)
+    xen.holes.add(2)
+    with pytest.raises(GuestMemoryError) as info:
+        mem.write(0x1FF0, b"\xAA" * 0x20)  # half in page 1, half in the hole
+    assert info.value.errno == 14  # EFAULT, for a DMA reply
+    assert bytes(xen.ram[0x1FF0:0x2010]) == b"\0" * 0x20
+    with pytest.raises(GuestMemoryError):
+        mem.read(0x2000, 1)
+
+
+def test_page_populated_later_is_remapped_once(xen: FakeXen) -> None:
+    mem = GuestMemory(xen, xen.domid)
+    xen.holes.update({5, 6})
+    with pytest.raises(GuestMemoryError):
+        mem.read(5 * 4096, 4)
+    xen.holes.discard(5)
+    assert mem.read(5 * 4096, 4) == b"\0" * 4  # the miss re-mapped the bucket
+    maps = mem.maps
+    for _ in range(3):  # still a hole after the re-map: no mapping storm
+        with pytest.raises(GuestMemoryError):
+            mem.read(6 * 4096, 4)
+    assert mem.maps == maps
+
+
+def test_beyond_guest_ram_and_limits(xen: FakeXen) -> None:
+    mem = GuestMemory(xen, xen.domid, limit=1 << 40)
+    with pytest.raises(GuestMemoryError):
+        mem.read(4 * MiB, 1)  # past the last page of RAM
+    with pytest.raises(GuestMemoryError):
+        mem.read(64 * MiB, 1)  # Xen refuses the whole mapping
+    with pytest.raises(GuestMemoryError):
+        mem.read((1 << 40) - 2, 4)
+    with pytest.raises(GuestMemoryError):
+        mem.read(-4096, 4)
+    with pytest.raises(GuestMemoryError):
+        mem.read(0, -1)
+
+
+def test_one_access_never_spans_more_buckets_than_the_cache(xen: FakeXen) -> None:
+    mem = GuestMemory(xen, xen.domid, max_buckets=2)
+    with pytest.raises(GuestMemoryError):
+        mem.read(0, BUCKET_SIZE + 1)
+    assert len(mem.read(100, BUCKET_SIZE)) == BUCKET_SIZE
+    with pytest.raises(ValueError):
+        GuestMemory(xen, xen.domid, max_buckets=1)
