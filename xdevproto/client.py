@@ -31,6 +31,9 @@ from .wire import Command, Feature, FeatureFlags, SetIrqsFlags
 
 log = logging.getLogger(__name__)
 
+_REGION_READ = int(Command.REGION_READ)
+_REGION_WRITE = int(Command.REGION_WRITE)
+
 
 @dataclass(frozen=True, slots=True)
 class RegionInfo:
@@ -71,7 +74,7 @@ class Client:
         )
         self.conn = Connection(Role.CLIENT, caps)
         self.guest = guest
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._twin: tuple[Transport, Connection] | None = None
         self._service: threading.Thread | None = None
         self._stop_r, self._stop_w = socket.socketpair()
@@ -279,24 +282,41 @@ class Client:
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         step = self.server_max_xfer
         if count <= step:
-            return self._read_once(index, offset, count)
-        return b"".join(self._read_once(index, offset + pos, min(step, count - pos))
+            return self._access(_REGION_READ, index, offset, count)
+        return b"".join(self._access(_REGION_READ, index, offset + pos, min(step, count - pos))
                         for pos in range(0, count, step))
-
-    def _read_once(self, index: int, offset: int, count: int) -> bytes:
-        reply = self.call(Command.REGION_READ, wire.REGION_ACCESS.pack(offset, index, count))
-        p = reply.payload
-        assert isinstance(p, wire.RegionAccess)
-        if p.offset != offset or p.region != index or p.count != count or len(p.data) != count:
-            raise PeerProtocolError("REGION_READ reply does not match the request")
-        return p.data
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         step = self.server_max_xfer
         for pos in range(0, max(len(data), 1), step):
-            chunk = data[pos:pos + step]
-            self.call(Command.REGION_WRITE,
-                      wire.REGION_ACCESS.pack(offset + pos, index, len(chunk)) + chunk)
+            chunk = bytes(data[pos:pos + step])
+            self._access(_REGION_WRITE, index, offset + pos, len(chunk), chunk)
+
+    def _access(self, command: int, index: int, offset: int, count: int,
+                data: bytes = b"") -> bytes:
+        """One REGION_READ/WRITE round trip; the hot path of every guest
+        register access (see Connection.fast_reply)."""
+        conn, tr = self.conn, self.transport
+        with self._lock:
+            msg_id, out = conn.region_request(command, offset, index, count, data)
+            tr.send(out)
+            chunk, fds = tr.recv()
+            fast = conn.fast_reply(chunk, msg_id) if chunk and not fds else None
+            if fast is None:
+                conn.receive_data(chunk, fds)
+                if not chunk:
+                    raise ConnectionClosed("server closed the connection")
+                reply = self._await(msg_id)
+                if reply.error:
+                    raise RemoteError(reply.command, reply.error)
+                p = reply.payload
+                assert isinstance(p, wire.RegionAccess)
+                fast = (msg_id, command, p.offset, p.region, p.count, p.data)
+        _, _, r_offset, r_region, r_count, body = fast
+        want = count if command == _REGION_READ else 0
+        if r_offset != offset or r_region != index or r_count != count or len(body) != want:
+            raise PeerProtocolError("region access reply does not match the request")
+        return body
 
     def region_write_multi(self, writes: Sequence[tuple[int, int, bytes]]) -> int:
         """Batch small writes (index, offset, data of at most 8 bytes)."""

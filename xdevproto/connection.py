@@ -64,6 +64,24 @@ VERSION_MAJOR = 0
 VERSION_MINOR = 2
 
 
+# Plain ints for the per-message paths: IntFlag arithmetic costs a micro-
+# second per operation, and every register access pays it.
+_TYPE_MASK = int(HeaderFlags.TYPE_MASK)
+_REPLY = int(HeaderFlags.REPLY)
+_NO_REPLY = int(HeaderFlags.NO_REPLY)
+_ERROR = int(HeaderFlags.ERROR)
+_KNOWN_FLAGS = wire.HEADER_FLAGS_KNOWN
+_unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
+_unpack_region_access = wire.REGION_ACCESS.unpack_from
+_RA_SIZE = wire.REGION_ACCESS.size
+_unpack_hra = wire.HEADER_REGION_ACCESS.unpack_from
+_pack_hra = wire.HEADER_REGION_ACCESS.pack
+_COMMANDS = wire.COMMAND_BY_VALUE
+_REGION_READ = int(Command.REGION_READ)
+_REGION_WRITE = int(Command.REGION_WRITE)
+
+
 class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
@@ -134,6 +152,8 @@ class NeedData(enum.Enum):
 
 
 NEED_DATA = NeedData.NEED_DATA
+#: (msg_id, command, offset, region, count, data) of a register access
+FastAccess = tuple[int, int, int, int, int, bytes]
 Event = Request | Reply | InvalidMessage | NeedData
 
 
@@ -246,7 +266,10 @@ class Connection:
             self.close()
             return
         old_end = self._base + len(self._buf)
-        self._buf += data
+        if not self._buf:
+            self._buf = bytearray(data)
+        else:
+            self._buf += data
         if fds:
             owner = self._last_start_from(old_end)
             if owner is None:
@@ -274,59 +297,107 @@ class Connection:
         if self.state is State.CLOSED:
             raise ConnectionClosed("connection is closed")
         buf, pos = self._buf, self._pos
-        if len(buf) - pos < HEADER_SIZE:
+        avail = len(buf) - pos
+        if avail < HEADER_SIZE:
             return NEED_DATA
-        msg_id, command, size, flags, error = HEADER.unpack_from(buf, pos)
+        msg_id, command, size, flags, error = _unpack_header(buf, pos)
         if size < HEADER_SIZE or size > self._max_message:
             raise self._fatal(f"message size {size} out of bounds")
-        if len(buf) - pos < size:
+        if avail < size:
             return NEED_DATA
-        payload = memoryview(buf)[pos + HEADER_SIZE:pos + size]
-        try:
-            fds = self._fds_at.pop(self._base + pos, None) or []
-            self._pos = pos + size
-            event = self._interpret(msg_id, command, flags, error, payload, fds)
-        finally:
-            payload.release()
-            self._compact()
-        return event
-
-    def _compact(self) -> None:
-        if self._pos == len(self._buf):
-            self._base += self._pos
-            self._buf.clear()
+        end = pos + size
+        payload = bytes(buf[pos + HEADER_SIZE:end])
+        fds = self._fds_at.pop(self._base + pos, []) if self._fds_at else []
+        if end == len(buf):
+            self._base += end
+            buf.clear()
             self._pos = 0
-        elif self._pos > 65536:
-            self._base += self._pos
-            del self._buf[:self._pos]
+        elif end > 65536:
+            self._base += end
+            del buf[:end]
             self._pos = 0
-
-    def _interpret(self, msg_id: int, command: int, flags: int, error: int,
-                   payload: memoryview, fds: list[int]) -> Event:
-        mtype = flags & HeaderFlags.TYPE_MASK
-        if mtype == wire.MSG_TYPE_REPLY:
+        else:
+            self._pos = end
+        if flags & _TYPE_MASK == _REPLY:
             return self._interpret_reply(msg_id, command, flags, error, payload, fds)
-        no_reply = bool(flags & HeaderFlags.NO_REPLY)
+        return self._interpret(msg_id, command, flags, payload, fds)
+
+    # -- the register-access shortcut -------------------------------------------
+    # A guest MMIO access is one REGION_READ/WRITE round trip, so the common
+    # case -- one whole message per receive, nothing buffered, no fds -- skips
+    # the general buffering. Anything else returns None and the caller feeds
+    # the chunk through receive_data(); tests prove both paths agree.
+
+    def fast_request(self, chunk: bytes | memoryview) -> FastAccess | None:
+        """Server: ``chunk`` as (msg_id, command, offset, region, count, data)
+        if it is exactly one valid REGION_READ/REGION_WRITE; else None and
+        nothing is consumed."""
+        n = len(chunk)
+        if n < 32 or self._buf or self.state is not State.READY or self.role is not Role.SERVER:
+            return None
+        msg_id, command, size, flags, error, offset, region, count = _unpack_hra(chunk, 0)
+        if size != n or flags or error or count > self.our_caps.max_data_xfer_size:
+            return None
+        if command == _REGION_READ and n == 32:
+            body = b""
+        elif command == _REGION_WRITE and n == 32 + count:
+            body = bytes(chunk[32:])
+        else:
+            return None
+        self._base += n
+        return msg_id, command, offset, region, count, body
+
+    def region_reply(self, msg_id: int, command: int, offset: int, region: int, count: int,
+                     data: bytes = b"") -> bytes:
+        """Server: the reply to a REGION_READ (with ``data``) or REGION_WRITE."""
+        return _pack_hra(msg_id, command, 32 + len(data), _REPLY, 0, offset, region,
+                         count) + data
+
+    def region_request(self, command: int, offset: int, region: int, count: int,
+                       data: bytes = b"") -> tuple[int, bytes]:
+        """Client: a REGION_READ/REGION_WRITE command in one pack."""
+        if self.state is not State.READY or self.role is not Role.CLIENT:
+            raise LocalProtocolError("region access before negotiation or from a server")
+        msg_id = self._alloc_id()
+        self._pending[msg_id] = _COMMANDS[command]
+        return msg_id, _pack_hra(msg_id, command, 32 + len(data), 0, 0, offset, region,
+                                 count) + data
+
+    def fast_reply(self, chunk: bytes | memoryview, want: int) -> FastAccess | None:
+        """Client: ``chunk`` as (msg_id, command, offset, region, count, data)
+        if it is exactly the successful reply to our REGION_READ/WRITE
+        ``want``; else None and nothing is consumed."""
+        n = len(chunk)
+        if n < 32 or self._buf:
+            return None
+        msg_id, command, size, flags, _error, offset, region, count = _unpack_hra(chunk, 0)
+        if size != n or flags != _REPLY or msg_id != want or self._pending.get(msg_id) != command:
+            return None
+        del self._pending[msg_id]
+        self._base += n
+        return msg_id, command, offset, region, count, bytes(chunk[32:])
+
+    def _interpret(self, msg_id: int, command: int, flags: int, payload: bytes,
+                   fds: list[int]) -> Event:
+        no_reply = bool(flags & _NO_REPLY)
         try:
-            if mtype != wire.MSG_TYPE_COMMAND or flags & ~wire.HEADER_FLAGS_KNOWN:
+            if flags & ~_KNOWN_FLAGS or flags & _TYPE_MASK:
                 raise PeerProtocolError(f"bad header flags {flags:#x}")
-            if flags & HeaderFlags.ERROR:
+            if flags & _ERROR:
                 raise PeerProtocolError("error bit set on a command")
             cmd = wire.COMMAND_BY_VALUE.get(command)
             if cmd is None:
                 raise PeerProtocolError(f"unknown command {command}", errno.ENOSYS)
-            req = self._validate_request(cmd, payload, fds)
+            return self._validate_request(msg_id, cmd, payload, fds, no_reply)
         except PeerProtocolError as exc:
             close_fds(fds)
             if exc.fatal:
                 self.close()
                 raise
             return InvalidMessage(msg_id, command, exc, no_reply)
-        req.msg_id = msg_id
-        req.no_reply = no_reply
-        return req
 
-    def _validate_request(self, cmd: Command, data: memoryview, fds: list[int]) -> Request:
+    def _validate_request(self, msg_id: int, cmd: Command, data: bytes, fds: list[int],
+                          no_reply: bool) -> Request:
         server = self.role is Role.SERVER
         if server == (cmd in wire.SERVER_TO_CLIENT):
             raise PeerProtocolError(f"{cmd.name} may not be sent to a {self.role.value}")
@@ -337,22 +408,26 @@ class Connection:
             raise PeerProtocolError("VERSION after negotiation")
         # Hot path first: register accesses and message DMA.
         if cmd is Command.REGION_READ or cmd is Command.REGION_WRITE:
-            if len(data) < wire.REGION_ACCESS.size:
+            if len(data) < _RA_SIZE:
                 raise PeerProtocolError(f"{cmd.name}: short payload")
-            offset, region, count = wire.REGION_ACCESS.unpack_from(data)
-            self._check_count(cmd, count)
-            want = wire.REGION_ACCESS.size + (count if cmd is Command.REGION_WRITE else 0)
+            offset, region, count = _unpack_region_access(data)
+            if count > self.our_caps.max_data_xfer_size:
+                self._check_count(cmd, count)
+            want = _RA_SIZE + count if cmd is Command.REGION_WRITE else _RA_SIZE
             if len(data) != want:
                 raise PeerProtocolError(f"{cmd.name}: payload of {len(data)} bytes, need {want}")
-            body = bytes(data[wire.REGION_ACCESS.size:]) if cmd is Command.REGION_WRITE else b""
-            payload: Payload = RegionAccess(offset, region, count, body)
+            if fds:
+                raise PeerProtocolError(f"{cmd.name} carries file descriptors")
+            body = data[_RA_SIZE:] if cmd is Command.REGION_WRITE else b""
+            return Request(msg_id, cmd, RegionAccess(offset, region, count, body), fds,
+                           no_reply)
         elif cmd is Command.DMA_READ or cmd is Command.DMA_WRITE:
             dma = DmaAccess.decode(data)
             self._check_count(cmd, dma.count)
             want = wire.DMA_ACCESS.size + (dma.count if cmd is Command.DMA_WRITE else 0)
             if len(data) != want:
                 raise PeerProtocolError(f"{cmd.name}: payload of {len(data)} bytes, need {want}")
-            payload = dma
+            payload: Payload = dma
         else:
             payload = wire.decode_payload(cmd, False, data)
             self._check_request(cmd, payload, len(data), len(fds))
@@ -360,7 +435,7 @@ class Connection:
             raise PeerProtocolError(f"{cmd.name} carries {len(fds)} fds, too many")
         if len(fds) > self.our_caps.max_msg_fds:
             raise PeerProtocolError(f"{len(fds)} fds exceed our max_msg_fds")
-        return Request(0, cmd, payload, fds)
+        return Request(msg_id, cmd, payload, fds, no_reply)
 
     def _check_count(self, cmd: Command, count: int) -> None:
         if count > self.our_caps.max_data_xfer_size:
@@ -458,18 +533,18 @@ class Connection:
             raise PeerProtocolError("DEVICE_FEATURE: argsz below the request size")
 
     def _interpret_reply(self, msg_id: int, command: int, flags: int, error: int,
-                         data: memoryview, fds: list[int]) -> Reply:
+                         data: bytes, fds: list[int]) -> Reply:
         expected = self._pending.pop(msg_id, None)
         if expected is None or expected != command:
             close_fds(fds)
             raise self._fatal(f"reply to command {command} id {msg_id} we did not send")
-        if flags & HeaderFlags.ERROR:
+        if flags & _ERROR:
             close_fds(fds)
             if expected is Command.VERSION:
                 self.state = State.CLOSED  # the caller reports the errno and hangs up
             return Reply(msg_id, expected, None, [], error or errno.EINVAL)
         try:
-            if len(fds) > _reply_fd_limit(expected):
+            if fds and len(fds) > _reply_fd_limit(expected):
                 raise PeerProtocolError(f"{expected.name} reply carries too many fds")
             payload = wire.decode_payload(expected, True, data)
             if expected is Command.VERSION:
@@ -507,8 +582,8 @@ class Connection:
         msg_id = self._alloc_id()
         if not no_reply:
             self._pending[msg_id] = command
-        flags = HeaderFlags.NO_REPLY if no_reply else 0
-        return msg_id, HEADER.pack(msg_id, command, HEADER_SIZE + len(body), flags, 0) + body
+        return msg_id, _pack_header(msg_id, command, HEADER_SIZE + len(body),
+                                    _NO_REPLY if no_reply else 0, 0) + body
 
     def start_version(self, capabilities: Capabilities | None = None,
                       minor: int = VERSION_MINOR) -> bytes:
@@ -582,14 +657,15 @@ class Connection:
         """Encode the reply to a peer's command."""
         if self.state is State.CLOSED:
             raise ConnectionClosed("connection is closed")
-        limit = _reply_fd_limit(request.command)
-        neg = self.negotiated
-        peer_fds = neg.peer_max_msg_fds if neg else wire.DEFAULT_MAX_MSG_FDS
-        if len(fds) > min(limit, peer_fds):
-            raise LocalProtocolError(f"{request.command.name} reply with {len(fds)} fds")
+        if fds:
+            limit = _reply_fd_limit(request.command)
+            neg = self.negotiated
+            peer_fds = neg.peer_max_msg_fds if neg else wire.DEFAULT_MAX_MSG_FDS
+            if len(fds) > min(limit, peer_fds):
+                raise LocalProtocolError(f"{request.command.name} reply with {len(fds)} fds")
         body = payload if isinstance(payload, bytes) else payload.encode()
-        return HEADER.pack(request.msg_id, request.command, HEADER_SIZE + len(body),
-                           HeaderFlags.REPLY, 0) + body
+        return _pack_header(request.msg_id, request.command, HEADER_SIZE + len(body),
+                            _REPLY, 0) + body
 
     def twin(self) -> Connection:
         """A connection for the twin socket: same role and negotiated

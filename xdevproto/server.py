@@ -28,6 +28,7 @@ from .connection import (
     NEED_DATA,
     Connection,
     Event,
+    FastAccess,
     InvalidMessage,
     Reply,
     Request,
@@ -95,9 +96,10 @@ class Session(DeviceContext):
         self.lock = threading.Lock()  # the connection's state and the main socket's sends
         self.loop_thread = threading.get_ident()
         self.waiters: dict[int, _Waiter] = {}
-        self.deferred: deque[Event] = deque()
+        self.deferred: deque[Event | FastAccess] = deque()
         self.dma = DmaTable(server.capabilities.max_dma_maps)
         self.regions: dict[int, RegionDesc] = {}
+        self._limits: dict[int, tuple[int, int]] = {}  # index -> (size, flags) as ints
         self.closed = False
         self.attached = False
         self._twin: tuple[Transport, Connection] | None = None
@@ -178,7 +180,7 @@ class Session(DeviceContext):
         return waiter.reply
 
     # -- the loop ----------------------------------------------------------------
-    def _receive(self) -> Event | None:
+    def _receive(self) -> Event | FastAccess | None:
         """The next command from the client (replies go to their waiters);
         None at EOF."""
         while True:
@@ -186,6 +188,11 @@ class Session(DeviceContext):
                 ev = self.conn.next_event()
             if ev is NEED_DATA:
                 data, fds = self.transport.recv()
+                if data and not fds:
+                    with self.lock:
+                        fast = self.conn.fast_request(data)
+                    if fast is not None:
+                        return fast
                 with self.lock:
                     self.conn.receive_data(data, fds)
                 if not data:
@@ -218,7 +225,10 @@ class Session(DeviceContext):
         finally:
             self._teardown()
 
-    def _dispatch(self, ev: Event) -> None:
+    def _dispatch(self, ev: Event | FastAccess) -> None:
+        if type(ev) is tuple:
+            self._serve_access(*ev)
+            return
         if isinstance(ev, InvalidMessage):
             log.info("refused command %d (id %d): %s", ev.command, ev.msg_id, ev.error)
             if not ev.no_reply:
@@ -245,6 +255,35 @@ class Session(DeviceContext):
             out, fds = Connection.send_error(ev.msg_id, ev.command, errno.EIO), []
         if not ev.no_reply:
             self._send(out, fds)
+
+    def access_region(self, command: int, offset: int, region: int, count: int,
+                      data: bytes) -> bytes:
+        """A checked REGION_READ (returns the data) or REGION_WRITE."""
+        if command == _REGION_READ:
+            self.check_access(region, offset, count, _READ)
+            out = self.device.region_read(region, offset, count) if count else b""
+            if len(out) != count:
+                raise DeviceError("device returned a short read", errno.EIO)
+            return out
+        self.check_access(region, offset, count, _WRITE)
+        if count:
+            self.device.region_write(region, offset, data)
+        return b""
+
+    def _serve_access(self, msg_id: int, command: int, offset: int, region: int, count: int,
+                      data: bytes) -> None:
+        """The register-access shortcut (see Connection.fast_request)."""
+        try:
+            out = self.conn.region_reply(msg_id, command, offset, region, count,
+                                         self.access_region(command, offset, region, count,
+                                                            data))
+        except VfioUserError as exc:
+            out = Connection.send_error(msg_id, command, exc.errno)
+        except Exception:
+            log.exception("device failed on a region access")
+            out = Connection.send_error(msg_id, command, errno.EIO)
+        with self.lock:
+            self.transport.send(out)
 
     def _send(self, data: bytes, fds: Iterable[int] = ()) -> None:
         with self.lock:
@@ -292,11 +331,14 @@ class Session(DeviceContext):
             desc = self.regions[index] = self.device.region(index)
         return desc
 
-    def check_access(self, index: int, offset: int, count: int, flag: wire.RegionFlags) -> None:
-        desc = self.region_desc(index)
-        if not desc.flags & flag:
+    def check_access(self, index: int, offset: int, count: int, flag: int) -> None:
+        limits = self._limits.get(index)
+        if limits is None:
+            desc = self.region_desc(index)
+            limits = self._limits[index] = (desc.size, int(desc.flags))
+        if not limits[1] & flag:
             raise DeviceError(f"region {index} does not allow this access", errno.EINVAL)
-        if offset + count > desc.size:
+        if offset + count > limits[0]:
             raise DeviceError(f"access {offset:#x}+{count} beyond region {index}", errno.EINVAL)
 
     def start_twin(self) -> int:
@@ -421,6 +463,9 @@ def refuse_busy(sock: socket.socket, timeout: float = 2.0) -> None:
 # Each returns (reply payload, fds to pass) or raises a VfioUserError.
 
 NOTHING: tuple[bytes, list[int]] = (b"", [])
+_REGION_READ = int(Command.REGION_READ)
+_READ = int(wire.RegionFlags.READ)
+_WRITE = int(wire.RegionFlags.WRITE)
 
 
 def _version(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
@@ -538,30 +583,18 @@ def _set_irqs(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]
     return NOTHING
 
 
-def _region_read(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+def _region_access(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
     p = req.payload
     assert isinstance(p, wire.RegionAccess)
-    s.check_access(p.region, p.offset, p.count, wire.RegionFlags.READ)
-    data = s.device.region_read(p.region, p.offset, p.count) if p.count else b""
-    if len(data) != p.count:
-        raise DeviceError("device returned a short read", errno.EIO)
+    data = s.access_region(req.command, p.offset, p.region, p.count, p.data)
     return wire.REGION_ACCESS.pack(p.offset, p.region, p.count) + data, []
-
-
-def _region_write(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
-    p = req.payload
-    assert isinstance(p, wire.RegionAccess)
-    s.check_access(p.region, p.offset, p.count, wire.RegionFlags.WRITE)
-    if p.count:
-        s.device.region_write(p.region, p.offset, p.data)
-    return wire.REGION_ACCESS.pack(p.offset, p.region, p.count), []
 
 
 def _write_multi(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
     p = req.payload
     assert isinstance(p, wire.RegionWriteMulti)
     for e in p.entries:
-        s.check_access(e.region, e.offset, e.count, wire.RegionFlags.WRITE)
+        s.check_access(e.region, e.offset, e.count, _WRITE)
         s.device.region_write(e.region, e.offset, e.data[:e.count])
     return wire.WriteMultiReply(len(p.entries)), []
 
@@ -602,8 +635,8 @@ HANDLERS: dict[Command, Handler] = {
     Command.DEVICE_GET_REGION_IO_FDS: _region_io_fds,
     Command.DEVICE_GET_IRQ_INFO: _irq_info,
     Command.DEVICE_SET_IRQS: _set_irqs,
-    Command.REGION_READ: _region_read,
-    Command.REGION_WRITE: _region_write,
+    Command.REGION_READ: _region_access,
+    Command.REGION_WRITE: _region_access,
     Command.REGION_WRITE_MULTI: _write_multi,
     Command.DEVICE_RESET: _reset,
     Command.DEVICE_FEATURE: _feature,

@@ -39,6 +39,10 @@ class Transport:
         self.passes_fds = sock.family == socket.AF_UNIX
         self._anc = socket.CMSG_SPACE(max(1, max_recv_fds) * array.array("i").itemsize)
         self._max_recv_fds = max_recv_fds
+        # One receive buffer for the connection's life: recvmsg(n) would
+        # allocate (and fault in) n fresh bytes on every call.
+        self._rbuf = bytearray(RECV_SIZE)
+        self._rview = memoryview(self._rbuf)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -59,14 +63,20 @@ class Transport:
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ConnectionClosed(f"peer went away: {exc}") from None
 
-    def recv(self, size: int = RECV_SIZE) -> tuple[bytes, list[int]]:
-        """Whatever the socket has (b"" at EOF), with any fds that came."""
+    def recv(self) -> tuple[memoryview, list[int]]:
+        """Whatever the socket has (empty at EOF), with any fds that came.
+
+        The view points into the transport's buffer: consume it before the
+        next recv().
+        """
         try:
             if not self.passes_fds:
-                return self.sock.recv(size), []
-            data, anc, flags, _ = self.sock.recvmsg(size, self._anc)
+                n = self.sock.recv_into(self._rbuf)
+                return self._rview[:n], []
+            n, anc, flags, _ = self.sock.recvmsg_into([self._rbuf], self._anc)
         except ConnectionResetError:
-            return b"", []
+            return self._rview[:0], []
+        data = self._rview[:n]
         fds = fds_from_ancillary(anc)
         if flags & socket.MSG_CTRUNC:
             for fd in fds:
