@@ -281,12 +281,17 @@ class Client:
     # -- region access --------------------------------------------------------------
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         step = self.server_max_xfer
+        if count <= 8:
+            return self._access(_REGION_READ, index, offset, count)
         if count <= step:
             return self._access(_REGION_READ, index, offset, count)
         return b"".join(self._access(_REGION_READ, index, offset + pos, min(step, count - pos))
                         for pos in range(0, count, step))
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
+        if len(data) <= 8:
+            self._access(_REGION_WRITE, index, offset, len(data), bytes(data))
+            return
         step = self.server_max_xfer
         for pos in range(0, max(len(data), 1), step):
             chunk = bytes(data[pos:pos + step])
@@ -300,10 +305,11 @@ class Client:
         with self._lock:
             msg_id, out = conn.region_request(command, offset, index, count, data)
             tr.send(out)
-            chunk, fds = tr.recv()
-            fast = conn.fast_reply(chunk, msg_id) if chunk and not fds else None
+            # Only DMA commands and this reply can arrive now; neither has fds.
+            chunk = tr.recv_plain()
+            fast = conn.fast_reply(chunk, msg_id) if chunk else None
             if fast is None:
-                conn.receive_data(chunk, fds)
+                conn.receive_data(chunk)
                 if not chunk:
                     raise ConnectionClosed("server closed the connection")
                 reply = self._await(msg_id)

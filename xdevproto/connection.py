@@ -214,10 +214,11 @@ class Connection:
     ) -> None:
         self.role = role
         #: what we advertise (and therefore accept)
-        self.our_caps = capabilities or Capabilities(max_msg_fds=8)
+        self._our_caps = capabilities or Capabilities(max_msg_fds=8)
         self.state = State.NEW
         self.negotiated: Negotiated | None = None
-        self._max_message = max_message_size or (self.our_caps.max_data_xfer_size + 64)
+        self.max_xfer = self._our_caps.max_data_xfer_size
+        self._max_message = max_message_size or (self._our_caps.max_data_xfer_size + 64)
         self._buf = bytearray()
         self._pos = 0  # start of the first message not yet returned
         self._base = 0  # stream offset of _buf[0]
@@ -246,6 +247,21 @@ class Connection:
     def _fatal(self, message: str, err: int = errno.EINVAL) -> PeerProtocolError:
         self.close()
         return PeerProtocolError(message, err, fatal=True)
+
+    @property
+    def our_caps(self) -> Capabilities:
+        """What we advertise, and therefore accept."""
+        return self._our_caps
+
+    @our_caps.setter
+    def our_caps(self, caps: Capabilities) -> None:
+        self._our_caps = caps
+        self.max_xfer = caps.max_data_xfer_size
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as events."""
+        return len(self._buf) - self._pos
 
     @property
     def pending(self) -> int:
@@ -336,7 +352,7 @@ class Connection:
         if n < 32 or self._buf or self.state is not State.READY or self.role is not Role.SERVER:
             return None
         msg_id, command, size, flags, error, offset, region, count = _unpack_hra(chunk, 0)
-        if size != n or flags or error or count > self.our_caps.max_data_xfer_size:
+        if size != n or flags or error or count > self.max_xfer:
             return None
         if command == _REGION_READ and n == 32:
             body = b""
@@ -375,7 +391,7 @@ class Connection:
             return None
         del self._pending[msg_id]
         self._base += n
-        return msg_id, command, offset, region, count, bytes(chunk[32:])
+        return msg_id, command, offset, region, count, bytes(chunk[32:]) if n > 32 else b""
 
     def _interpret(self, msg_id: int, command: int, flags: int, payload: bytes,
                    fds: list[int]) -> Event:
@@ -557,11 +573,16 @@ class Connection:
 
     # -- sending -------------------------------------------------------------
     def _alloc_id(self) -> int:
-        for _ in range(0x10000):
-            self._next_id = (self._next_id + 1) & 0xFFFF
-            if self._next_id not in self._pending:
-                return self._next_id
-        raise LocalProtocolError("all 65536 message ids are awaiting replies")
+        nxt = (self._next_id + 1) & 0xFFFF
+        if nxt in self._pending:
+            for _ in range(0x10000):
+                nxt = (nxt + 1) & 0xFFFF
+                if nxt not in self._pending:
+                    break
+            else:
+                raise LocalProtocolError("all 65536 message ids are awaiting replies")
+        self._next_id = nxt
+        return nxt
 
     def send_request(self, command: Command, payload: Payload | bytes,
                      fds: Sequence[int] = (), *, no_reply: bool = False) -> tuple[int, bytes]:

@@ -183,9 +183,13 @@ class Session(DeviceContext):
     def _receive(self) -> Event | FastAccess | None:
         """The next command from the client (replies go to their waiters);
         None at EOF."""
+        conn, lock = self.conn, self.lock
         while True:
-            with self.lock:
-                ev = self.conn.next_event()
+            if conn.buffered:
+                with lock:
+                    ev = conn.next_event()
+            else:
+                ev = NEED_DATA
             if ev is NEED_DATA:
                 data, fds = self.transport.recv()
                 if data and not fds:
@@ -210,12 +214,13 @@ class Session(DeviceContext):
 
     def run(self) -> None:
         self.loop_thread = threading.get_ident()
+        receive, dispatch, deferred = self._receive, self._dispatch, self.deferred
         try:
             while True:
-                ev = self.deferred.popleft() if self.deferred else self._receive()
+                ev = deferred.popleft() if deferred else receive()
                 if ev is None:
                     break
-                self._dispatch(ev)
+                dispatch(ev)
         except PeerProtocolError as exc:
             log.warning("dropping client: %s", exc)
         except ConnectionClosed:
