@@ -117,7 +117,7 @@ _ffi: Any = None
 _libs: dict[str, Any] = {}
 
 
-def _load() -> tuple[Any, dict[str, Any]]:
+def load_libraries() -> tuple[Any, dict[str, Any]]:
     """dlopen the four libraries once; a clear error names the one missing."""
     global _ffi
     if _ffi is None:
@@ -191,7 +191,7 @@ class XenLibs:
     """The real :class:`~bridge.xen.backend.XenBackend`: one handle per library."""
 
     def __init__(self) -> None:
-        ffi, libs = _load()
+        ffi, libs = load_libraries()
         self._dm = libs["devicemodel"]
         self._fm = libs["foreignmemory"]
         self._ev = libs["evtchn"]
