@@ -7,9 +7,11 @@ real Xen host is present. See ``host.EmuHost`` for the API and
 
 from bridge.emuhost.errors import BootError, EmuHostError, ImageBuildError, MissingHostTool
 from bridge.emuhost.guest import GuestConfigError, HvmGuest
-from bridge.emuhost.host import BootConfig, EmuHost, RunResult, Share
+from bridge.emuhost.host import EmuHost
 from bridge.emuhost.image import Image, default_cache_dir
+from bridge.emuhost.machine import BootConfig, Share
 from bridge.emuhost.recipe import Recipe
+from bridge.emuhost.session import HostSession, RunResult
 
 __all__ = [
     "BootConfig",
@@ -17,6 +19,7 @@ __all__ = [
     "EmuHost",
     "EmuHostError",
     "GuestConfigError",
+    "HostSession",
     "HvmGuest",
     "Image",
     "ImageBuildError",

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.emuhost.errors import EmuHostError
-from bridge.emuhost.host import EmuHost, Share
+from bridge.emuhost.host import EmuHost
 from bridge.emuhost.image import default_cache_dir
+from bridge.emuhost.machine import Share
 
 
 @dataclass(frozen=True)

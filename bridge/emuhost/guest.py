@@ -28,7 +28,7 @@ from bridge.emuhost.cpio import CpioWriter
 
 #: Where the run share is mounted in dom0 (see ``dom0/boot.sh``).
 DOM0_RUN_DIR = "/xdev/run"
-#: Sub-directory of the run share holding guest configs, initrds and serial logs.
+#: Sub-directory of a job's directory holding guest configs, initrds and serial logs.
 GUESTS_SUBDIR = "guests"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -103,30 +103,25 @@ class HvmGuest:
         if self.memory_mb < 32 or self.vcpus < 1:
             raise GuestConfigError("guest needs at least 32 MiB and one vCPU")
 
-    # Paths as dom0 sees them.
-    @property
-    def dom0_config(self) -> str:
-        return f"{DOM0_RUN_DIR}/{GUESTS_SUBDIR}/{self.name}.cfg"
+    def dom0_path(self, run_dir: str, suffix: str) -> str:
+        """Where dom0 finds this guest's ``.cfg``/``.initrd``/``.serial`` for a job."""
+        return f"{run_dir}/{GUESTS_SUBDIR}/{self.name}.{suffix}"
 
-    @property
-    def dom0_initrd(self) -> str:
-        return f"{DOM0_RUN_DIR}/{GUESTS_SUBDIR}/{self.name}.initrd"
+    def xl_config(self, default_kernel: str, run_dir: str = DOM0_RUN_DIR) -> str:
+        """Render the xl.cfg(5) text.
 
-    @property
-    def dom0_serial(self) -> str:
-        return f"{DOM0_RUN_DIR}/{GUESTS_SUBDIR}/{self.name}.serial"
-
-    def xl_config(self, default_kernel: str) -> str:
-        """Render the xl.cfg(5) text; ``default_kernel`` is dom0's kernel path."""
+        ``default_kernel`` is dom0's kernel path; ``run_dir`` the job's
+        directory in dom0, where the initrd is and the serial log goes.
+        """
         lines = [
             f"name = {_xl_string(self.name)}",
             'type = "hvm"',
             f"memory = {self.memory_mb}",
             f"vcpus = {self.vcpus}",
             f"kernel = {_xl_string(self.kernel or default_kernel)}",
-            f"ramdisk = {_xl_string(self.dom0_initrd)}",
+            f"ramdisk = {_xl_string(self.dom0_path(run_dir, 'initrd'))}",
             f"cmdline = {_xl_string(self.cmdline)}",
-            f"serial = {_xl_string('file:' + self.dom0_serial)}",
+            f"serial = {_xl_string('file:' + self.dom0_path(run_dir, 'serial'))}",
             'tsc_mode = "native"',
             "vnc = 0",
             "sdl = 0",

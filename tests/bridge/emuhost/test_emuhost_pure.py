@@ -12,9 +12,10 @@ from bridge.emuhost.cli import parse_args
 from bridge.emuhost.cpio import CpioError, CpioWriter
 from bridge.emuhost.errors import BootError, MissingHostTool
 from bridge.emuhost.guest import GuestConfigError, HvmGuest, parse_modules_dep, resolve_modules
-from bridge.emuhost.host import BootConfig, EmuHost, Share, qemu_command
 from bridge.emuhost.image import Image, check_host_tools, find_mirror
+from bridge.emuhost.machine import BootConfig, Share, check_shares, qemu_command
 from bridge.emuhost.recipe import DEFAULT_PACKAGES, OverlayFile, Recipe, default_overlay
+from bridge.emuhost.session import prepare_job, prepare_session_dir
 
 
 def read_newc(data: bytes) -> list[tuple[str, int, bytes]]:
@@ -104,13 +105,13 @@ def test_find_mirror_deb822_and_one_line() -> None:
 def test_xl_config_has_the_settings_tcg_needs() -> None:
     guest = HvmGuest(name="g1", init_script="echo hi", disks=("/tmp/d.img,raw,xvda,rw",),
                      device_model_args=("-device", "e1000"))
-    text = guest.xl_config("/boot/vmlinuz-6.1")
+    text = guest.xl_config("/boot/vmlinuz-6.1", "/xdev/run/jobs/000")
     lines = set(text.splitlines())
     assert 'type = "hvm"' in lines
     assert 'tsc_mode = "native"' in lines
     assert 'kernel = "/boot/vmlinuz-6.1"' in lines
-    assert 'serial = "file:/xdev/run/guests/g1.serial"' in lines
-    assert 'ramdisk = "/xdev/run/guests/g1.initrd"' in lines
+    assert 'serial = "file:/xdev/run/jobs/000/guests/g1.serial"' in lines
+    assert 'ramdisk = "/xdev/run/jobs/000/guests/g1.initrd"' in lines
     assert 'disk = [ "/tmp/d.img,raw,xvda,rw" ]' in lines
     assert 'device_model_args = [ "-device", "e1000" ]' in lines
     assert "xen_platform_pci = 0" in lines
@@ -198,33 +199,47 @@ def test_qemu_command_refuses_commas_in_dom0_args(tmp_path: Path) -> None:
         qemu_command(image, BootConfig(dom0_args=("a=b,c",)), {}, console="file:/x")
 
 
-def test_prepare_writes_what_dom0_reads(tmp_path: Path) -> None:
+def test_session_dir_and_job_hold_what_dom0_reads(tmp_path: Path) -> None:
     image = _fake_image(tmp_path)
     extra = tmp_path / "data"
     extra.mkdir()
-    host = EmuHost(cache_dir=tmp_path / "cache")
-    results = tmp_path / "results"
-    guest = HvmGuest(name="g", init_script="echo hi", modules=("e1000",))
-    shares = host.prepare("echo run", results, guests=[guest], image=image,
-                          shares={"data": Share(extra, readonly=False)}, script_timeout=99)
+    session = tmp_path / "session"
+    shares = prepare_session_dir(session, check_shares({"data": Share(extra, readonly=False)}))
     assert set(shares) == {"xdevrun", "xdevrepo", "data"}
-    assert shares["xdevrun"].path == results and not shares["xdevrun"].readonly
-    assert (results / "run.sh").read_text() == "echo run"
-    assert "xl info" in (results / "boot.sh").read_text()
-    assert "xdev_guest_wait()" in (results / "lib/emuhost.sh").read_text()
-    env = (results / "env").read_text()
+    assert shares["xdevrun"].path == session and not shares["xdevrun"].readonly
+    assert shares["xdevrepo"].readonly
+    assert "xl info" in (session / "boot.sh").read_text()
+    assert "xdev_guest_wait()" in (session / "lib/emuhost.sh").read_text()
+    assert (session / "shares").read_text() == "xdevrepo /xdev/repo ro\ndata /xdev/data rw\n"
+
+    guest = HvmGuest(name="g", init_script="echo hi", modules=("e1000",))
+    job = prepare_job(session, 3, image, "echo run", guests=[guest], timeout=99)
+    assert job == session / "jobs/003"
+    assert (job / "run.sh").read_text() == "echo run"
+    assert not (job / "ready").exists()
+    env = (job / "env").read_text()
     assert "export XDEV_SCRIPT_TIMEOUT=99\n" in env
+    assert "export XDEV_RUN=/xdev/run/jobs/003\n" in env
     assert "export XDEV_GUEST_KERNEL=/boot/vmlinuz-6.1\n" in env
-    assert (results / "shares").read_text() == "xdevrepo /xdev/repo ro\ndata /xdev/data rw\n"
-    assert 'kernel = "/boot/vmlinuz-6.1"' in (results / "guests/g.cfg").read_text()
-    assert (results / "guests/g.initrd").read_bytes()[:2] == b"\x1f\x8b"
+    config = (job / "guests/g.cfg").read_text()
+    assert 'kernel = "/boot/vmlinuz-6.1"' in config
+    assert 'ramdisk = "/xdev/run/jobs/003/guests/g.initrd"' in config
+    assert (job / "guests/g.initrd").read_bytes()[:2] == b"\x1f\x8b"
+
+
+def test_a_job_that_fails_to_build_leaves_no_numbered_dir(tmp_path: Path) -> None:
+    image = _fake_image(tmp_path)
+    guest = HvmGuest(name="g", init_script="", modules=("no_such_module",))
+    prepare_session_dir(tmp_path / "s", {})
+    with pytest.raises(GuestConfigError):
+        prepare_job(tmp_path / "s", 0, image, "true", guests=[guest])
+    assert list((tmp_path / "s/jobs").iterdir()) == []
 
 
 @pytest.mark.parametrize("tag", ["xdevrun", "Bad", "a,b", ""])
-def test_prepare_rejects_bad_share_tags(tmp_path: Path, tag: str) -> None:
-    host = EmuHost(cache_dir=tmp_path)
+def test_bad_share_tags_are_refused(tmp_path: Path, tag: str) -> None:
     with pytest.raises(BootError):
-        host.prepare("", tmp_path / "r", shares={tag: Share(tmp_path)}, image=_fake_image(tmp_path))
+        check_shares({tag: Share(tmp_path)})
 
 
 def test_missing_host_tool_names_the_package() -> None:

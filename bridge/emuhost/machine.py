@@ -1,0 +1,102 @@
+"""The emulated machine: QEMU's command line for Xen + dom0 under TCG.
+
+QEMU loads Xen (multiboot, ``-kernel``) with dom0's kernel and initrd as
+modules (``-initrd "KERNEL ARGS,INITRD"``), the root disk under
+``snapshot=on`` (every boot starts from the same image), and 9p shares that
+dom0 mounts under /xdev.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge.emuhost.errors import BootError
+from bridge.emuhost.image import Image
+
+TAG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+RESERVED_TAGS = frozenset({"xdevrun", "xdevrepo", "run", "repo"})
+
+
+def repo_root() -> Path:
+    """The checkout this package runs from (shared read-only into dom0)."""
+    return Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory shared into dom0 over 9p, mounted at ``/xdev/TAG``."""
+
+    path: Path
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    """How the machine boots; none of this needs an image rebuild."""
+
+    memory_mb: int = 3072
+    cpus: int = 2
+    dom0_memory_mb: int = 1024
+    xen_args: tuple[str, ...] = ("console=com1", "com1=115200,8n1", "loglvl=all",
+                                 "guest_loglvl=all")
+    dom0_args: tuple[str, ...] = ("root=/dev/vda", "ro", "console=hvc0", "quiet")
+    qemu: str = "qemu-system-x86_64"
+
+    def xen_cmdline(self) -> str:
+        mem = f"dom0_mem={self.dom0_memory_mb}M,max:{self.dom0_memory_mb}M"
+        return " ".join([*self.xen_args, mem])
+
+
+def qemu_command(
+    image: Image,
+    boot: BootConfig,
+    shares: Mapping[str, Share],
+    *,
+    console: str,
+) -> list[str]:
+    """QEMU's argv. ``console`` is a chardev spec for the serial line
+    (``file:PATH`` for runs, ``mon:stdio`` for an interactive shell)."""
+    dom0 = f"{image.dom0_kernel} {' '.join(boot.dom0_args)}"
+    if "," in dom0 or "," in str(image.dom0_initrd):
+        # -initrd separates multiboot modules with commas.
+        raise BootError("dom0 kernel arguments and paths must not contain ','")
+    argv = [
+        boot.qemu,
+        "-machine", "pc",
+        "-accel", "tcg,thread=multi",
+        # Without -smap,-smep dom0 (PV) crashes under TCG's emulated CPU.
+        "-cpu", "max,-smap,-smep",
+        "-smp", str(boot.cpus),
+        "-m", str(boot.memory_mb),
+        "-kernel", str(image.xen),
+        "-append", boot.xen_cmdline(),
+        "-initrd", f"{dom0},{image.dom0_initrd}",
+        "-drive", f"file={image.root_disk},if=virtio,format=raw,snapshot=on",
+        "-nic", "none",
+        "-display", "none",
+        "-vga", "none",
+        "-no-reboot",
+        "-serial", console,
+    ]
+    if console != "mon:stdio":
+        argv += ["-monitor", "none"]
+    for tag, share in shares.items():
+        spec = f"local,path={share.path},mount_tag={tag},security_model=none"
+        argv += ["-virtfs", spec + (",readonly=on" if share.readonly else "")]
+    return argv
+
+
+def check_shares(shares: Mapping[str, Share]) -> dict[str, Share]:
+    """Validate caller-given shares (tags QEMU and 9p accept, existing dirs)."""
+    checked = {}
+    for tag, share in shares.items():
+        if not tag or set(tag) - TAG_CHARS or tag in RESERVED_TAGS or len(tag) > 31:
+            raise BootError(f"bad share tag {tag!r} (lower-case letters, digits, _)")
+        if not share.path.is_dir():
+            raise BootError(f"share {tag}: {share.path} is not a directory")
+        if "," in str(share.path):
+            raise BootError(f"share {tag}: QEMU cannot take a path with ',': {share.path}")
+        checked[tag] = Share(share.path.resolve(), share.readonly)
+    return checked
