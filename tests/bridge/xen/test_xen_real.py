@@ -1,0 +1,89 @@
+"""The ioreq server against a real Xen (the emulated host): an HVM guest reads our MMIO.
+
+dom0 starts an HVM guest, then ``mmio_echo_server.py`` (the real cffi
+bindings, resource-mapped ioreq pages, xenstore, privilege drop).  The
+guest polls ``devmem`` until the page answers (until the claim is made its
+reads go to QEMU and return all-ones), reads and writes it, and prints the
+values.  Destroying the guest must make the server tear down by itself
+(``@releaseDomain``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from bridge.emuhost import EmuHost, HvmGuest, MissingHostTool
+from bridge.emuhost.image import BOOT_TOOLS, check_host_tools
+
+pytestmark = pytest.mark.xen
+
+BASE = 0xFE800000
+GUEST_INIT = f"""
+i=0
+while [ $i -lt 180 ]; do
+    [ "$(devmem {BASE:#x} 32)" = "0xC0FFEE00" ] && break
+    sleep 1
+    i=$((i+1))
+done
+echo "XDEV-R0 $(devmem {BASE:#x} 32)"
+echo "XDEV-R4 $(devmem {BASE + 4:#x} 32)"
+devmem {BASE + 8:#x} 32 0x12345678
+echo "XDEV-R8 $(devmem {BASE + 8:#x} 32)"
+echo "XDEV-R10 $(devmem {BASE + 0x10:#x} 8)"
+echo XDEV-MMIO-DONE
+"""
+
+DOM0_SCRIPT = f"""
+. "$XDEV_LIB"
+xdev_guest_start mmio || exit 3
+python3 /xdev/repo/tests/bridge/xen/mmio_echo_server.py --domain mmio --base {BASE:#x} \
+    --ready "$XDEV_RUN/ready" --report "$XDEV_RUN/report.json" --user nobody \
+    2> "$XDEV_RUN/server.log" &
+server=$!
+xdev_guest_wait mmio XDEV-MMIO-DONE 300
+echo "wait=$?" > "$XDEV_RUN/status"
+xl destroy mmio
+for i in $(seq 60); do kill -0 $server 2>/dev/null || break; sleep 1; done
+if kill -0 $server 2>/dev/null; then echo alive >> "$XDEV_RUN/status"; kill $server; fi
+wait $server
+echo "server=$?" >> "$XDEV_RUN/status"
+xl list > "$XDEV_RUN/xl-list"
+"""
+
+
+@pytest.fixture(scope="module")
+def emuhost() -> EmuHost:
+    host = EmuHost()
+    try:
+        check_host_tools(BOOT_TOOLS)
+    except MissingHostTool as exc:
+        pytest.skip(str(exc))
+    if host.image() is None and os.geteuid() != 0:
+        pytest.skip("no cached emulated-host image and building one needs root")
+    host.ensure_image()
+    return host
+
+
+def test_guest_reads_and_writes_our_mmio_and_death_tears_down(emuhost: EmuHost) -> None:
+    result = emuhost.run(DOM0_SCRIPT, guests=[HvmGuest(name="mmio", init_script=GUEST_INIT)],
+                         timeout=600)
+    status = result.file("status")
+    log = result.file("server.log")
+    report = json.loads(result.file("report.json"))
+    serial = result.guest_serial("mmio")
+    assert "error" not in report, report.get("error", "") + log
+    assert "wait=0" in status, status + serial[-2000:] + log
+    values = dict(re.findall(r"^(XDEV-R\w+) (\S+)", serial, re.M))
+    assert values == {"XDEV-R0": "0xC0FFEE00", "XDEV-R4": "0xC0FFEE04",
+                      "XDEV-R8": "0x12345678", "XDEV-R10": "0x10"}, serial[-2000:]
+    assert report["writes"] == [[8, 4, 0x12345678]]
+    assert report["stats"]["invalid"] == 0 and report["stats"]["handler_errors"] == 0
+    assert report["legacy_gfn_mapping"] is False
+    assert report["published_state"] == "running"
+    # Teardown when the guest died: the watch stopped the server, nobody killed it.
+    assert report["gone"] is True and report["closed"] is True
+    assert "alive" not in status and "server=0" in status, status
