@@ -464,7 +464,7 @@ class Connection:
             assert isinstance(p, DmaMap)
             if p.argsz != DmaMap.SIZE or size != DmaMap.SIZE:
                 raise PeerProtocolError("DMA_MAP: argsz must be the request size (32)")
-            if p.flags & ~(wire.DmaMapFlags.READ | wire.DmaMapFlags.WRITE):
+            if p.flags & ~int(wire.DmaMapFlags.READ | wire.DmaMapFlags.WRITE):
                 raise PeerProtocolError(f"DMA_MAP: unknown flags {p.flags:#x}")
             if p.size == 0 or p.address + p.size > 1 << 64 or p.offset + p.size > 1 << 64:
                 raise PeerProtocolError("DMA_MAP: empty or wrapping range")
@@ -477,7 +477,7 @@ class Connection:
             if p.flags & wire.DmaUnmapFlags.GET_DIRTY_BITMAP:
                 raise PeerProtocolError("DMA_UNMAP: dirty bitmaps are migration v1",
                                         errno.ENOTSUP)
-            if p.flags & ~wire.DmaUnmapFlags.ALL:
+            if p.flags & ~int(wire.DmaUnmapFlags.ALL):
                 raise PeerProtocolError(f"DMA_UNMAP: unknown flags {p.flags:#x}")
             if p.flags & wire.DmaUnmapFlags.ALL and (p.address or p.size):
                 raise PeerProtocolError("DMA_UNMAP: FLAG_ALL with an address or size")
@@ -538,8 +538,8 @@ class Connection:
     @staticmethod
     def _check_feature(p: DeviceFeature, size: int) -> None:
         ops = p.flags & (FeatureFlags.GET | FeatureFlags.SET | FeatureFlags.PROBE)
-        if p.flags & ~(FeatureFlags.INDEX_MASK | FeatureFlags.GET | FeatureFlags.SET
-                       | FeatureFlags.PROBE):
+        if p.flags & ~int(FeatureFlags.INDEX_MASK | FeatureFlags.GET | FeatureFlags.SET
+                          | FeatureFlags.PROBE):
             raise PeerProtocolError(f"DEVICE_FEATURE: unknown flags {p.flags:#x}")
         if not ops:
             raise PeerProtocolError("DEVICE_FEATURE: none of GET, SET, PROBE")
