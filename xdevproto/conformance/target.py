@@ -1,0 +1,168 @@
+"""The server under test: an existing socket, or a command the suite runs.
+
+With ``--exec`` the suite starts the command with ``{socket}`` replaced by
+a temporary path, waits for the socket, and restarts the server whenever it
+has exited: libvfio-user's samples exit when their client disconnects, which
+the spec allows ("Client Disconnection": the server can automatically exit).
+A server killed by a signal has crashed; the check running at the time fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+class TargetError(Exception):
+    """The server under test cannot be started or reached."""
+
+
+def _connectable(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(0.5)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class Target:
+    """A server reachable on a UNIX socket path."""
+
+    #: True when the suite can tell a crash from an orderly exit
+    observes_process = False
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def ensure_up(self) -> None:
+        """Make sure a server is listening (restart it if it exited)."""
+
+    def exited(self) -> bool:
+        """True if the server process is gone (only known for exec targets)."""
+        return False
+
+    def settle(self) -> str | None:
+        """After a check: a message if the server crashed during it."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"socket {self.path}"
+
+
+class ExecTarget(Target):
+    observes_process = True
+
+    def __init__(self, command: str, *, start_timeout: float = 10.0) -> None:
+        self.tmpdir = tempfile.mkdtemp(prefix="xdev-conformance-")
+        super().__init__(str(Path(self.tmpdir) / "server.sock"))
+        if "{socket}" not in command:
+            raise TargetError("the --exec command needs a {socket} placeholder")
+        self.argv = [a.replace("{socket}", self.path) for a in shlex.split(command)]
+        self.command = command
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = Path(self.tmpdir) / "server.log"
+        self.starts = 0
+
+    def describe(self) -> str:
+        return f"exec {self.command}"
+
+    def _start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        with open(self.log, "ab") as log:
+            try:
+                self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log,
+                                             stdin=subprocess.DEVNULL)
+            except OSError as exc:
+                raise TargetError(f"cannot start {self.argv[0]}: {exc}") from None
+        self.starts += 1
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise TargetError(f"server exited with status {self.proc.returncode} before "
+                                  f"listening; log: {self.log_tail()}")
+            # Only test for the path: a test connection would be a client
+            # to servers that accept exactly one.
+            if os.path.exists(self.path):
+                return
+            time.sleep(0.01)
+        raise TargetError(f"server did not create {self.path} within {self.start_timeout}s")
+
+    def log_tail(self, n: int = 600) -> str:
+        try:
+            return self.log.read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def ensure_up(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+
+    def exited(self) -> bool:
+        return self.proc is None or self.proc.poll() is not None
+
+    def wait_exit(self, timeout: float) -> bool:
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def settle(self) -> str | None:
+        if self.proc is None:
+            return None
+        # Servers that exit on disconnect do so right away; a short wait
+        # keeps the next check from connecting to a dying server.
+        self.wait_exit(0.05)
+        rc = self.proc.poll()
+        if rc is not None and rc < 0:
+            name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
+            return f"server crashed (killed by {name}); log: {self.log_tail()}"
+        return None
+
+    def restart(self) -> None:
+        self.stop()
+        self._start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            if not self.wait_exit(3):
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            self.log.unlink()
+        with contextlib.suppress(OSError):
+            os.rmdir(self.tmpdir)
+
+
+def wait_for_socket(path: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _connectable(path):
+            return True
+        time.sleep(0.02)
+    return False
