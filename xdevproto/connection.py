@@ -374,7 +374,10 @@ class Connection:
         """Client: a REGION_READ/REGION_WRITE command in one pack."""
         if self.state is not State.READY or self.role is not Role.CLIENT:
             raise LocalProtocolError("region access before negotiation or from a server")
-        msg_id = self._alloc_id()
+        msg_id = (self._next_id + 1) & 0xFFFF
+        if msg_id in self._pending:
+            msg_id = self._alloc_id()
+        self._next_id = msg_id
         self._pending[msg_id] = _COMMANDS[command]
         return msg_id, _pack_hra(msg_id, command, 32 + len(data), 0, 0, offset, region,
                                  count) + data

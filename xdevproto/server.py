@@ -214,10 +214,28 @@ class Session(DeviceContext):
 
     def run(self) -> None:
         self.loop_thread = threading.get_ident()
-        receive, dispatch, deferred = self._receive, self._dispatch, self.deferred
+        conn, lock, deferred = self.conn, self.lock, self.deferred
+        recv, fast_request = self.transport.recv, conn.fast_request
+        serve_access, dispatch = self._serve_access, self._dispatch
         try:
             while True:
-                ev = deferred.popleft() if deferred else receive()
+                if deferred:
+                    dispatch(deferred.popleft())
+                    continue
+                if not conn.buffered:
+                    data, fds = recv()
+                    if data and not fds:
+                        # Only this thread consumes input, so the shortcut
+                        # needs no lock (workers only send).
+                        fast = fast_request(data)
+                        if fast is not None:
+                            serve_access(*fast)
+                            continue
+                    with lock:
+                        conn.receive_data(data, fds)
+                    if not data:
+                        break
+                ev = self._receive()
                 if ev is None:
                     break
                 dispatch(ev)

@@ -1,0 +1,141 @@
+"""What every xdev daemon shares: socket options, systemd integration,
+logging, signals.
+
+* Listening socket: inherited from systemd socket activation
+  (``LISTEN_FDS``), or ``--fd N``, or ``--socket PATH`` (the vfio-user
+  spec's backend program conventions: ``--socket-path=PATH`` or
+  ``--fd=FDNUM``; both spellings are accepted).
+* Readiness: ``READY=1`` once the device can serve, ``STATUS=`` lines with
+  what is connected, ``STOPPING=1`` on the way out (sd_notify(3)); a no-op
+  without ``NOTIFY_SOCKET``.
+* Logging to stderr; under systemd (``JOURNAL_STREAM`` set) each line
+  carries a ``<N>`` priority prefix that journald keeps as the priority
+  (sd-daemon(3)).
+* SIGTERM and SIGINT stop the server; the caller's cleanup (flushing a
+  disk) runs before exit. No daemonising.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+
+from .device import Device
+from .server import Server
+from .transport import listen, listen_fds, socket_from_fd
+
+log = logging.getLogger(__name__)
+
+_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+class JournalFormatter(logging.Formatter):
+    """Prefix each line with its syslog priority, as journald expects."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 6)
+        return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
+
+
+def setup_logging(level: str = "info", name: str = "xdev") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(f"{name}: %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def notify(state: str) -> bool:
+    """Send ``state`` (e.g. ``READY=1``) to the service manager, if any."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(addr)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify the service manager: %s", exc)
+        return False
+    return True
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_argument_group("where to listen (systemd socket activation wins)")
+    where.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",
+                       help="listen on this UNIX socket path (or tcp:HOST:PORT)")
+    where.add_argument("--fd", type=int, metavar="N",
+                       help="listen on this inherited socket descriptor")
+    parser.add_argument("--allow-uid", type=int, action="append", metavar="UID",
+                        help="accept clients with this uid only (repeatable)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+
+
+def listener_from(socket_path: str | None, fd: int | None) -> socket.socket:
+    """The listening socket: systemd's, ``--fd``'s, or a new one at the path."""
+    inherited = listen_fds()
+    if inherited:
+        if len(inherited) > 1:
+            log.warning("systemd passed %d sockets; using the first", len(inherited))
+        return next(iter(inherited.values()))
+    if fd is not None:
+        return socket_from_fd(fd)
+    if socket_path:
+        return listen(socket_path)
+    raise SystemExit("no socket: give --socket PATH or --fd N, or use socket activation")
+
+
+def run_server(device: Device, listener: socket.socket, *, name: str,
+               allowed_uids: list[int] | None = None,
+               cleanup: Callable[[], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; then clean up and say so to systemd."""
+    server = Server(device, allowed_uids=allowed_uids)
+    server.on_state = lambda state: notify(f"STATUS={name}: {state}")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+        server.stop()
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        notify("READY=1")
+        log.info("%s serving on %s", name, _describe(listener))
+        server.serve(listener)
+    finally:
+        notify("STOPPING=1")
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if cleanup is not None:
+            cleanup()
+        listener.close()
+    return 0
+
+
+def _describe(sock: socket.socket) -> str:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return f"fd {sock.fileno()}"
+    if isinstance(name, bytes):
+        return name.decode(errors="replace") or "an unnamed socket"
+    return str(name) or f"fd {sock.fileno()}"
