@@ -108,7 +108,10 @@ def run_server(device: Device, listener: socket.socket, *, name: str,
                cleanup: Callable[[], None] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; then clean up and say so to systemd."""
     server = Server(device, allowed_uids=allowed_uids)
-    server.on_state = lambda state: notify(f"STATUS={name}: {state}")
+    def on_state(state: str) -> None:
+        notify(f"STATUS={name}: {state}")
+
+    server.on_state = on_state
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
