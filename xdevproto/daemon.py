@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from .device import Device
 from .server import Server
@@ -83,10 +85,40 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                        help="listen on this UNIX socket path (or tcp:HOST:PORT)")
     where.add_argument("--fd", type=int, metavar="N",
                        help="listen on this inherited socket descriptor")
+    parser.add_argument("--config", metavar="FILE",
+                        help="read options from FILE (one or more per line, # comments)")
     parser.add_argument("--allow-uid", type=int, action="append", metavar="UID",
                         help="accept clients with this uid only (repeatable)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
+
+
+def expand_config(argv: list[str]) -> list[str]:
+    """Replace ``--config FILE`` with the options the file holds.
+
+    The file holds command-line options, one or more per line, as a shell
+    would split them; blank lines and ``#`` comments are ignored. Options
+    given on the command line after ``--config`` override the file's.
+    """
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.partition("=")[2] if "=" in arg else next(it, None)
+            if not path:
+                raise SystemExit("--config needs a file")
+            try:
+                text = Path(path).read_text()
+            except OSError as exc:
+                raise SystemExit(f"cannot read config {path}: {exc.strerror}") from None
+            for number, line in enumerate(text.splitlines(), 1):
+                try:
+                    out.extend(shlex.split(line, comments=True))
+                except ValueError as exc:
+                    raise SystemExit(f"{path}:{number}: {exc}") from None
+        else:
+            out.append(arg)
+    return out
 
 
 def listener_from(socket_path: str | None, fd: int | None) -> socket.socket:
