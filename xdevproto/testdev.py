@@ -332,3 +332,28 @@ class TestDevice(Device):
                 bitmap[n // 8] |= 1 << (n % 8)
                 dirty.discard(page)
         return bytes(bitmap)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m xdevproto.testdev --socket PATH``: serve a test device."""
+    import argparse
+    import sys
+
+    from .daemon import (
+        add_server_arguments,
+        expand_config,
+        listener_from,
+        run_server,
+        setup_logging,
+    )
+
+    parser = argparse.ArgumentParser(prog="xdev-testdev", description="serve the xdev test device")
+    add_server_arguments(parser)
+    args = parser.parse_args(expand_config(list(sys.argv[1:] if argv is None else argv)))
+    setup_logging(args.log_level, "xdev-testdev")
+    listener = listener_from(args.socket, args.fd)
+    return run_server(TestDevice(), listener, name="xdev-testdev", allowed_uids=args.allow_uid)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
