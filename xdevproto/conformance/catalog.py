@@ -16,7 +16,7 @@ def server_checks() -> list[Check]:
 
 
 def client_checks() -> list[Check]:
-    from . import client_mode  # noqa: F401  (registers the client checks)
+    from . import checks_client  # noqa: F401  (registers the client checks)
     return list(CLIENT.checks)
 
 
