@@ -543,8 +543,15 @@ class Bridge:
         os.write(self._wake_w, b"x")
 
     def start(self) -> None:
+        """Connect every device server; one that is not up yet is retried in
+        the background (the guest sees all-ones there until it comes)."""
         for dev in self.devices.values():
-            dev.connect()
+            try:
+                dev.connect()
+            except (OSError, VfioUserError) as exc:
+                log.error("device %s: cannot reach %s yet: %s", _fmt_sbdf(dev.sbdf),
+                          dev.address, exc)
+                dev.dead_since = time.monotonic()
         self._irq_thread = threading.Thread(target=self._irq_loop, daemon=True,
                                             name="xdev-bridge-irq")
         self._irq_thread.start()
