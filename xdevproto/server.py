@@ -99,7 +99,7 @@ class Session(DeviceContext):
         self.deferred: deque[Event | FastAccess] = deque()
         self.dma = DmaTable(server.capabilities.max_dma_maps)
         self.regions: dict[int, RegionDesc] = {}
-        self._limits: dict[int, tuple[int, int]] = {}  # index -> (size, flags) as ints
+        self._limits: dict[int, tuple[int, bool, bool]] = {}  # index -> size, R, W
         self.closed = False
         self.attached = False
         self._twin: tuple[Transport, Connection] | None = None
@@ -282,13 +282,18 @@ class Session(DeviceContext):
     def access_region(self, command: int, offset: int, region: int, count: int,
                       data: bytes) -> bytes:
         """A checked REGION_READ (returns the data) or REGION_WRITE."""
+        size, readable, writable = self._limits.get(region) or self._region_limits(region)
+        if offset + count > size:
+            raise DeviceError(f"access {offset:#x}+{count} beyond region {region}", errno.EINVAL)
         if command == _REGION_READ:
-            self.check_access(region, offset, count, _READ)
+            if not readable:
+                raise DeviceError(f"region {region} is not readable", errno.EINVAL)
             out = self.device.region_read(region, offset, count) if count else b""
             if len(out) != count:
                 raise DeviceError("device returned a short read", errno.EIO)
             return out
-        self.check_access(region, offset, count, _WRITE)
+        if not writable:
+            raise DeviceError(f"region {region} is not writable", errno.EINVAL)
         if count:
             self.device.region_write(region, offset, data)
         return b""
@@ -354,14 +359,17 @@ class Session(DeviceContext):
             desc = self.regions[index] = self.device.region(index)
         return desc
 
+    def _region_limits(self, index: int) -> tuple[int, bool, bool]:
+        desc = self.region_desc(index)
+        limits = (desc.size, bool(desc.flags & _READ), bool(desc.flags & _WRITE))
+        self._limits[index] = limits
+        return limits
+
     def check_access(self, index: int, offset: int, count: int, flag: int) -> None:
-        limits = self._limits.get(index)
-        if limits is None:
-            desc = self.region_desc(index)
-            limits = self._limits[index] = (desc.size, int(desc.flags))
-        if not limits[1] & flag:
+        size, readable, writable = self._limits.get(index) or self._region_limits(index)
+        if not (readable if flag == _READ else writable):
             raise DeviceError(f"region {index} does not allow this access", errno.EINVAL)
-        if offset + count > limits[0]:
+        if offset + count > size:
             raise DeviceError(f"access {offset:#x}+{count} beyond region {index}", errno.EINVAL)
 
     def start_twin(self) -> int:

@@ -43,6 +43,8 @@ class Transport:
         # allocate (and fault in) n fresh bytes on every call.
         self._rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self._rbuf)
+        self._send = sock.send
+        self._recv_into = sock.recv_into
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -50,6 +52,15 @@ class Transport:
     def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send one message with one system call (more only if the kernel
         takes it in parts); fds ride on the first call."""
+        if not fds and len(data) <= 4096:
+            # Small messages: a blocking stream socket takes them whole.
+            try:
+                sent = self._send(data)
+                if sent < len(data):
+                    self.sock.sendall(memoryview(data)[sent:])
+                return
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ConnectionClosed(f"peer went away: {exc}") from None
         try:
             if fds:
                 if not self.passes_fds:
@@ -91,7 +102,7 @@ class Transport:
         """Receive when no fds can legitimately come (the kernel discards
         any that do): one system call cheaper than recvmsg."""
         try:
-            n = self.sock.recv_into(self._rbuf)
+            n = self._recv_into(self._rbuf)
         except ConnectionResetError:
             n = 0
         return self._rview[:n]
