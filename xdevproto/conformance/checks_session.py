@@ -405,12 +405,13 @@ def disconnect_reconnect(ctx: Ctx) -> None:
         s.ok(Command.DMA_MAP, dma_map(IOVA, PAGE * 4), fds=[fd])
     s.close()
     ctx.end()
+    starts = ctx.target.starts
     if ctx.target.observes_process:
-        ctx.target.settle()
-        if ctx.target.exited():
-            raise NotApplicable("the server exits when its client disconnects (the spec "
-                                "allows it: 'the server can automatically exit')")
+        ctx.target.wait_exit(0.5)
     s = ctx.open()
+    if ctx.target.starts != starts:
+        raise NotApplicable("the server exits when its client disconnects (the spec "
+                            "allows it: 'the server can automatically exit')")
     fd = memfd(PAGE * 4)
     with owned_fds(fd):
         msg = s.call(Command.DMA_MAP, dma_map(IOVA, PAGE * 4), fds=[fd])

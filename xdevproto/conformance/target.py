@@ -41,6 +41,8 @@ class Target:
 
     #: True when the suite can tell a crash from an orderly exit
     observes_process = False
+    #: how many times the suite started the server
+    starts = 0
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -50,6 +52,10 @@ class Target:
 
     def exited(self) -> bool:
         """True if the server process is gone (only known for exec targets)."""
+        return False
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the server process to exit."""
         return False
 
     def settle(self) -> str | None:
