@@ -74,22 +74,22 @@ def headers(obs: Observation) -> None:
         "VFIO_USER_VERSION", MUST, "fds")
 def max_fds(obs: Observation) -> None:
     for m in _commands(obs):
-        if len(m.fds) > MAX_FDS:
-            raise CheckFailed(f"{m.describe()} carried {len(m.fds)} fds; we allow {MAX_FDS}")
+        if m.nfds > MAX_FDS:
+            raise CheckFailed(f"{m.describe()} carried {m.nfds} fds; we allow {MAX_FDS}")
 
 
 @CLIENT("client.fds-where-allowed", "fds ride only on DMA_MAP and SET_IRQS with DATA_EVENTFD",
-        "File descriptors", SHOULD, "fds")
+        "VFIO_USER_DMA_MAP, VFIO_USER_DEVICE_SET_IRQS", SHOULD, "fds")
 def fds_allowed(obs: Observation) -> None:
     for m in _commands(obs):
-        if not m.fds:
+        if not m.nfds:
             continue
         if m.command == Command.DMA_MAP:
             continue
         if m.command == Command.DEVICE_SET_IRQS and len(m.payload) >= 8 \
                 and struct.unpack_from("<I", m.payload, 4)[0] & SetIrqsFlags.DATA_EVENTFD:
             continue
-        raise CheckFailed(f"{m.describe()} carried {len(m.fds)} fds")
+        raise CheckFailed(f"{m.describe()} carried {m.nfds} fds")
 
 
 @CLIENT("client.max-xfer", "REGION_READ/WRITE counts stay within our max_data_xfer_size (4096)",
@@ -164,7 +164,7 @@ def dma_map_format(obs: Observation) -> None:
         argsz, flags, offset, _addr, size = struct.unpack("<IIQQQ", m.payload)
         if argsz != 32 or flags & ~3 or size == 0:
             raise CheckFailed(f"DMA_MAP argsz {argsz} flags {flags:#x} size {size:#x}")
-        if offset and not m.fds:
+        if offset and not m.nfds:
             raise CheckFailed(f"DMA_MAP offset {offset:#x} without an fd")
 
 
@@ -183,8 +183,8 @@ def set_irqs_format(obs: Observation) -> None:
             raise CheckFailed(f"SET_IRQS argsz {argsz} for a {len(m.payload)}-byte request")
         if data.bit_count() != 1 or action.bit_count() != 1 or flags & ~0x3F:
             raise CheckFailed(f"SET_IRQS flags {flags:#x}")
-        if data == SetIrqsFlags.DATA_EVENTFD and len(m.fds) not in (0, count):
-            raise CheckFailed(f"SET_IRQS count {count} with {len(m.fds)} eventfds")
+        if data == SetIrqsFlags.DATA_EVENTFD and m.nfds not in (0, count):
+            raise CheckFailed(f"SET_IRQS count {count} with {m.nfds} eventfds")
         if data == SetIrqsFlags.DATA_BOOL and len(m.payload) != 20 + count:
             raise CheckFailed(f"SET_IRQS DATA_BOOL count {count} with "
                               f"{len(m.payload) - 20} bools")

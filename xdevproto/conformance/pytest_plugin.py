@@ -32,6 +32,7 @@ from .target import ExecTarget, Target
 
 MARKER = "vfio_user_server"
 _CTX_KEY = pytest.StashKey[dict[Any, Ctx]]()
+_FAILURE_KEY = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -103,8 +104,16 @@ def vfio_user_check(request: pytest.FixtureRequest) -> Result:
     if result.outcome is Outcome.DIVERGENCE:
         pytest.skip(f"{where}: documented divergence of {kw.get('peer')}: {result.divergence}")
     if result.counts_as_failure:
+        if check.level not in levels:
+            pytest.skip(f"{where}: failed (level not enforced): {result.message}")
         text = "\n".join(e.render() for e in result.transcript)
-        if check.level in levels:
-            pytest.fail(f"{where}: {result.message}\n{text}", pytrace=False)
-        pytest.skip(f"{where}: failed (level not enforced): {result.message}")
+        # Reported in the call phase (a failure, not a setup error).
+        request.node.stash[_FAILURE_KEY] = f"{where}: {result.message}\n{text}"
     return result
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    failure = item.stash.get(_FAILURE_KEY, None)
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)

@@ -45,6 +45,8 @@ class Msg:
     error: int
     payload: bytes
     fds: list[int] = field(default_factory=list)
+    #: how many fds arrived with it (``fds`` empties once they are closed)
+    nfds: int = 0
 
     @property
     def is_reply(self) -> bool:
@@ -179,7 +181,7 @@ class RawPeer:
                     payload = bytes(self.buf[HEADER_SIZE:size])
                     del self.buf[:size]
                     fds, self.pending_fds = self.pending_fds, []
-                    return Msg(msg_id, command, size, flags, err, payload, fds)
+                    return Msg(msg_id, command, size, flags, err, payload, fds, len(fds))
             if self.eof:
                 raise PeerClosed("peer closed the connection")
             self._fill(deadline)
