@@ -2,6 +2,11 @@
 
     python -m bridge.emuhost build [--force]
     python -m bridge.emuhost run SCRIPT [--timeout S] [--share TAG=DIR[:rw]]
+                                        [--guest NAME=INIT_SCRIPT]
+
+SCRIPT runs as root in dom0 (sh) with $XDEV_RUN as its cwd; each --guest is an
+HVM guest whose busybox /init runs INIT_SCRIPT, prepared as $XDEV_RUN/guests/
+NAME.cfg (start it with: . "$XDEV_LIB"; xdev_guest_run NAME MARKER).
     python -m bridge.emuhost shell
 """
 
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.emuhost.errors import EmuHostError
+from bridge.emuhost.guest import GuestConfigError, HvmGuest
 from bridge.emuhost.host import EmuHost
 from bridge.emuhost.image import default_cache_dir
 from bridge.emuhost.machine import Share
@@ -27,6 +33,7 @@ class Config:
     timeout: float
     shares: dict[str, Share]
     results_dir: Path | None
+    guests: tuple[HvmGuest, ...]
 
 
 def _share(text: str) -> tuple[str, Share]:
@@ -37,6 +44,16 @@ def _share(text: str) -> tuple[str, Share]:
     if rest.endswith(":rw"):
         rest, readonly = rest[:-3], False
     return tag, Share(Path(rest), readonly)
+
+
+def _guest(text: str) -> HvmGuest:
+    name, sep, path = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME=INIT_SCRIPT, got {text!r}")
+    try:
+        return HvmGuest(name=name, init_script=Path(path).read_text())
+    except (OSError, GuestConfigError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def parse_args(argv: list[str] | None) -> Config:
@@ -54,6 +71,8 @@ def parse_args(argv: list[str] | None) -> Config:
     run.add_argument("--share", type=_share, action="append", default=[],
                      help="extra 9p share TAG=DIR[:rw], mounted at /xdev/TAG")
     run.add_argument("--results-dir", type=Path, default=None)
+    run.add_argument("--guest", type=_guest, action="append", default=[],
+                     help="HVM guest NAME whose busybox init runs INIT_SCRIPT")
     shell = sub.add_parser("shell", help="interactive root shell on the Xen console")
     shell.add_argument("--share", type=_share, action="append", default=[])
     args = parser.parse_args(argv)
@@ -65,6 +84,7 @@ def parse_args(argv: list[str] | None) -> Config:
         timeout=getattr(args, "timeout", 900),
         shares=dict(getattr(args, "share", [])),
         results_dir=getattr(args, "results_dir", None),
+        guests=tuple(getattr(args, "guest", [])),
     )
 
 
@@ -79,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.command == "shell":
             return host.shell(shares=config.shares)
         assert config.script is not None  # argparse requires it for "run"
-        result = host.run(config.script.read_text(), shares=config.shares,
+        result = host.run(config.script.read_text(), shares=config.shares, guests=config.guests,
                           timeout=config.timeout, results_dir=config.results_dir)
     except (EmuHostError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import lzma
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.emuhost.cpio import CpioWriter
@@ -80,7 +80,8 @@ class HvmGuest:
     /proc, /sys and /dev are mounted and ``modules`` are loaded; what it prints
     goes to the serial file. The guest powers off when it returns.
     ``disks`` and ``nics`` are xl.cfg ``disk``/``vif`` spec strings (dom0
-    paths); ``extra`` adds raw ``key = value`` lines for anything else.
+    paths); ``extra`` adds raw ``(key, value)`` lines for anything else, the
+    value in xl.cfg syntax (``("hdtype", '"ahci"')``).
     """
 
     name: str
@@ -93,7 +94,7 @@ class HvmGuest:
     nics: tuple[str, ...] = ()
     device_model_args: tuple[str, ...] = ()
     xen_platform_pci: bool = False
-    extra: Mapping[str, str] = field(default_factory=dict)
+    extra: tuple[tuple[str, str], ...] = ()
     #: dom0 path of the guest kernel; None means dom0's own kernel.
     kernel: str | None = None
 
@@ -136,7 +137,7 @@ class HvmGuest:
             lines.append(f"vif = {_xl_list(self.nics)}")
         if self.device_model_args:
             lines.append(f"device_model_args = {_xl_list(self.device_model_args)}")
-        for key, value in self.extra.items():
+        for key, value in self.extra:
             if not re.match(r"^[a-z_][a-z0-9_]*$", key) or "\n" in value:
                 raise GuestConfigError(f"bad extra xl.cfg line {key!r} = {value!r}")
             lines.append(f"{key} = {value}")

@@ -2,10 +2,15 @@
 # Source it: . "$XDEV_LIB". Guests are prepared on the host side
 # (bridge.emuhost.guest.HvmGuest); their files are in $XDEV_RUN/guests/.
 
-# xdev_guest_start NAME: create the guest from its prepared xl config.
+# xdev_guest_start NAME [XL-CREATE-OPTIONS...]: create the guest from its
+# prepared xl config; e.g. "-p" creates it paused (attach an ioreq server,
+# then "xl unpause NAME").
 xdev_guest_start() {
-    : >"$XDEV_RUN/guests/$1.serial"
-    xl create "$XDEV_RUN/guests/$1.cfg"
+    _name=$1
+    shift
+    : >"$XDEV_RUN/guests/$_name.serial"
+    date +%s >"$XDEV_RUN/guests/$_name.created"
+    xl create "$@" "$XDEV_RUN/guests/$_name.cfg"
 }
 
 # xdev_guest_wait NAME MARKER [TIMEOUT_S]: wait until MARKER (a fixed string)
@@ -15,7 +20,11 @@ xdev_guest_wait() {
     _serial="$XDEV_RUN/guests/$1.serial"
     _deadline=$(( $(date +%s) + ${3:-120} ))
     while [ "$(date +%s)" -lt "$_deadline" ]; do
-        grep -qF -- "$2" "$_serial" 2>/dev/null && return 0
+        if grep -qF -- "$2" "$_serial" 2>/dev/null; then
+            _since=$(cat "$XDEV_RUN/guests/$1.created" 2>/dev/null || date +%s)
+            echo "xdev_guest_wait: $1 printed '$2' $(( $(date +%s) - _since )) s after xl create" >&2
+            return 0
+        fi
         if ! xl domid "$1" >/dev/null 2>&1; then
             grep -qF -- "$2" "$_serial" 2>/dev/null && return 0
             echo "xdev_guest_wait: guest $1 is gone without printing '$2'" >&2

@@ -247,9 +247,11 @@ def test_missing_host_tool_names_the_package() -> None:
         check_host_tools({"surely-not-a-program-xdev": "some-pkg"})
 
 
-def test_cli_parses_run_with_shares(tmp_path: Path) -> None:
+def test_cli_parses_run_with_shares_and_guests(tmp_path: Path) -> None:
+    (tmp_path / "init.sh").write_text("echo hi\n")
     config = parse_args(["--cache-dir", str(tmp_path), "run", "s.sh", "--timeout", "60",
-                         "--share", f"data={tmp_path}:rw"])
+                         "--share", f"data={tmp_path}:rw", "--guest", f"g1={tmp_path}/init.sh"])
+    assert config.guests == (HvmGuest(name="g1", init_script="echo hi\n"),)
     assert config.command == "run" and config.timeout == 60
     assert config.shares["data"] == Share(tmp_path, readonly=False)
     assert config.cache_dir == tmp_path
