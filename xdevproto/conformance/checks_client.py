@@ -268,7 +268,8 @@ def run_client_checks(obs: Observation, target: str, peer: str | None = None) ->
         result = Result(check, outcome, message, seconds=watch.elapsed())
         if outcome is not Outcome.PASS:
             result.transcript = list(obs.transcript.items)
-        if outcome is Outcome.FAIL and divergence(peer, check.id):
-            result.outcome, result.divergence = Outcome.DIVERGENCE, divergence(peer, check.id)
+        why = divergence(peer, check.id, message) if outcome is Outcome.FAIL else ""
+        if why:
+            result.outcome, result.divergence = Outcome.DIVERGENCE, why
         report.results.append(result)
     return report

@@ -42,6 +42,7 @@ class Config:
     timeout: float
     verbose: bool
     progress: bool
+    fresh: bool = False
 
 
 def parse(argv: Sequence[str] | None) -> Config:
@@ -68,6 +69,9 @@ def parse(argv: Sequence[str] | None) -> Config:
     where.add_argument("--socket", help="the server's listening UNIX socket")
     where.add_argument("--exec", dest="exec_cmd",
                        help="command that starts the server; {socket} becomes a temp path")
+    srv.add_argument("--fresh-server", action="store_true",
+                     help="with --exec: start a new server for every check (for servers "
+                          "that serve one client and then stop accepting)")
     cli = sub.add_parser("client", parents=[common], help="check a vfio-user client")
     cli.add_argument("command", nargs=argparse.REMAINDER,
                      help="-- CMD ARGS; {socket} becomes the checking server's socket "
@@ -84,7 +88,7 @@ def parse(argv: Sequence[str] | None) -> Config:
                   getattr(ns, "junit_out", None), tuple(getattr(ns, "only", ())),
                   tuple(getattr(ns, "group", ())), tuple(getattr(ns, "level", ())),
                   getattr(ns, "timeout", 2.0), getattr(ns, "verbose", False),
-                  getattr(ns, "progress", False))
+                  getattr(ns, "progress", False), getattr(ns, "fresh_server", False))
 
 
 def select(checks: list[Check], cfg: Config) -> list[Check]:
@@ -100,7 +104,7 @@ def _progress(result: Result) -> None:
 
 def run(cfg: Config) -> Report:
     if cfg.mode == "server":
-        target: Target = (ExecTarget(cfg.exec_cmd) if cfg.exec_cmd
+        target: Target = (ExecTarget(cfg.exec_cmd, fresh=cfg.fresh) if cfg.exec_cmd
                           else Target(cfg.socket or ""))
         try:
             return run_server_suite(target, select(server_checks(), cfg), peer=cfg.peer,

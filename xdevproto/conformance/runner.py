@@ -42,6 +42,7 @@ def run_check(ctx: Ctx, check: Check, peer: str | None = None) -> Result:
     ctx.begin()
     watch = Stopwatch()
     try:
+        ctx.target.begin_check()
         check.func(ctx)
         outcome, message = Outcome.PASS, ""
     except NotApplicable as exc:
@@ -60,7 +61,7 @@ def run_check(ctx: Ctx, check: Check, peer: str | None = None) -> Result:
         outcome, message = Outcome.FAIL, f"{crash}" + (f" ({message})" if message else "")
     result = Result(check, outcome, message, list(ctx.transcript.items), seconds=watch.elapsed())
     if outcome is Outcome.FAIL:
-        why = divergence(peer, check.id)
+        why = divergence(peer, check.id, message)
         if why:
             result.outcome, result.divergence = Outcome.DIVERGENCE, why
     return result
@@ -70,6 +71,7 @@ def run_server_suite(target: Target, checks: Iterable[Check], *, peer: str | Non
                      timeout: float = 2.0,
                      progress: Callable[[Result], None] | None = None) -> Report:
     report = Report("server", target.describe(), peer)
+    target.ensure_up()  # a server that cannot start at all is not a list of failures
     ctx = Ctx(target, timeout)
     for check in checks:
         result = run_check(ctx, check, peer)

@@ -43,12 +43,20 @@ class Target:
     observes_process = False
     #: how many times the suite started the server
     starts = 0
+    #: a fresh server process for every check (exec targets only)
+    fresh = False
 
     def __init__(self, path: str) -> None:
         self.path = path
 
     def ensure_up(self) -> None:
         """Make sure a server is listening (restart it if it exited)."""
+
+    def begin_check(self) -> None:
+        """Called before each check."""
+
+    def restart(self) -> None:
+        """Start a new server process (exec targets only)."""
 
     def exited(self) -> bool:
         """True if the server process is gone (only known for exec targets)."""
@@ -72,7 +80,7 @@ class Target:
 class ExecTarget(Target):
     observes_process = True
 
-    def __init__(self, command: str, *, start_timeout: float = 10.0) -> None:
+    def __init__(self, command: str, *, start_timeout: float = 10.0, fresh: bool = False) -> None:
         self.tmpdir = tempfile.mkdtemp(prefix="xdev-conformance-")
         super().__init__(str(Path(self.tmpdir) / "server.sock"))
         if "{socket}" not in command:
@@ -83,6 +91,7 @@ class ExecTarget(Target):
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = Path(self.tmpdir) / "server.log"
         self.starts = 0
+        self.fresh = fresh
 
     def describe(self) -> str:
         return f"exec {self.command}"
@@ -92,8 +101,10 @@ class ExecTarget(Target):
             os.unlink(self.path)
         with open(self.log, "ab") as log:
             try:
+                # stdin is a pipe we never write: some servers (libvfio-user's
+                # null sample) stop at end of input.
                 self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log,
-                                             stdin=subprocess.DEVNULL)
+                                             stdin=subprocess.PIPE)
             except OSError as exc:
                 raise TargetError(f"cannot start {self.argv[0]}: {exc}") from None
         self.starts += 1
@@ -122,6 +133,10 @@ class ExecTarget(Target):
     def exited(self) -> bool:
         return self.proc is None or self.proc.poll() is not None
 
+    def begin_check(self) -> None:
+        if self.fresh:
+            self.restart()
+
     def wait_exit(self, timeout: float) -> bool:
         if self.proc is None:
             return True
@@ -148,6 +163,8 @@ class ExecTarget(Target):
         self._start()
 
     def stop(self) -> None:
+        if self.proc is not None and self.proc.stdin is not None:
+            self.proc.stdin.close()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             if not self.wait_exit(3):

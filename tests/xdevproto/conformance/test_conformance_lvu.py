@@ -17,9 +17,11 @@ from xdevproto.conformance.catalog import server_checks
 from xdevproto.conformance.model import Outcome
 from xdevproto.conformance.report import render_table
 from xdevproto.conformance.runner import run_server_suite
-from xdevproto.conformance.target import ExecTarget
+from xdevproto.conformance.target import ExecTarget, TargetError
 
 SAMPLES = ("server", "gpio-pci-idio-16", "null")
+#: samples that serve one client, then neither exit nor accept another
+FRESH = {"null"}
 
 
 def samples_dir() -> Path | None:
@@ -37,9 +39,13 @@ def test_libvfio_user_sample(sample: str) -> None:
     where = samples_dir()
     if where is None or not (where / sample).exists():
         pytest.skip(f"libvfio-user sample {sample!r} not installed (set XDEV_LVU_SAMPLES)")
-    target = ExecTarget(f"{where / sample} {{socket}}")
+    target = ExecTarget(f"{where / sample} {{socket}}", fresh=sample in FRESH)
     try:
         report = run_server_suite(target, server_checks(), peer="libvfio-user", timeout=2.0)
+    except TargetError as exc:
+        # libvfio-user efd091b's server sample asks for a 12 KiB BAR1, which
+        # the library refuses (BAR sizes must be powers of two).
+        pytest.skip(f"the {sample} sample does not start: {exc}")
     finally:
         target.close()
     print(render_table(report))

@@ -7,6 +7,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 from conftest import run_suite
 
 from xdevproto.conformance import cli
@@ -35,7 +36,7 @@ def test_checks_are_declared_completely() -> None:
 
 
 def test_cli_writes_table_json_and_junit(testdev_socket: str, tmp_path: Path,
-                                         capsys: object) -> None:
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     out_json, out_xml = tmp_path / "r.json", tmp_path / "r.xml"
     rc = cli.main(["server", "--socket", testdev_socket, "--group", "version",
                    "--group", "dma", "--json", str(out_json), "--junit", str(out_xml)])
@@ -87,3 +88,11 @@ def test_exec_mode_reports_a_crash_as_a_failure(tmp_path: Path) -> None:
     assert rc == 1
     assert result["outcome"] == "fail"
     assert "SIGSEGV" in result["message"]
+
+
+def test_a_server_that_cannot_start_is_not_a_list_of_failures(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]
+                                                               ) -> None:
+    rc = cli.main(["server", "--exec", f"{sys.executable} -c 'raise SystemExit(3)' {{socket}}"])
+    assert rc == 2
+    assert "exited with status 3" in capsys.readouterr().err
