@@ -19,20 +19,29 @@ xdev_guest_start() {
 xdev_guest_wait() {
     _serial="$XDEV_RUN/guests/$1.serial"
     _deadline=$(( $(date +%s) + ${3:-120} ))
+    _missing=0
     while [ "$(date +%s)" -lt "$_deadline" ]; do
         if grep -qF -- "$2" "$_serial" 2>/dev/null; then
             _since=$(cat "$XDEV_RUN/guests/$1.created" 2>/dev/null || date +%s)
             echo "xdev_guest_wait: $1 printed '$2' $(( $(date +%s) - _since )) s after xl create" >&2
             return 0
         fi
-        if ! xl domid "$1" >/dev/null 2>&1; then
+        # xl can fail transiently when dom0 is starved; believe "gone" after three misses in a row.
+        if xl list "$1" >/dev/null 2>&1; then
+            _missing=0
+        else
+            _missing=$((_missing + 1))
+        fi
+        if [ "$_missing" -ge 3 ]; then
             grep -qF -- "$2" "$_serial" 2>/dev/null && return 0
-            echo "xdev_guest_wait: guest $1 is gone without printing '$2'" >&2
+            echo "xdev_guest_wait: guest $1 is gone without printing '$2'; xl dmesg tail:" >&2
+            xl dmesg 2>&1 | grep -v ' save: ' | tail -n 15 >&2
             return 2
         fi
         sleep 1
     done
-    echo "xdev_guest_wait: no '$2' from guest $1 within ${3:-120} s" >&2
+    echo "xdev_guest_wait: no '$2' from guest $1 within ${3:-120} s; xl list:" >&2
+    xl list >&2 2>&1
     return 1
 }
 
