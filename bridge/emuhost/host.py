@@ -101,7 +101,7 @@ class EmuHost:
         """Boot, run ``script`` (sh, as root) in dom0, power off; QEMU never outlives it.
 
         ``timeout`` bounds the script once dom0 is up (booting has its own
-        limit, ``session.BOOT_TIMEOUT_S``).
+        limit, ``BootConfig.boot_timeout_s``).
         """
         with self.session(shares=shares, results_dir=results_dir) as session:
             return session.run(script, guests=guests, env=env, timeout=timeout)

@@ -43,6 +43,9 @@ class BootConfig:
                                  "guest_loglvl=all")
     dom0_args: tuple[str, ...] = ("root=/dev/vda", "ro", "console=hvc0", "quiet")
     qemu: str = "qemu-system-x86_64"
+    #: From QEMU's start to dom0 ready for jobs: ~30 s idle, 120 s seen with
+    #: two emulated hosts sharing two cores.
+    boot_timeout_s: float = 420.0
 
     def xen_cmdline(self) -> str:
         mem = f"dom0_mem={self.dom0_memory_mb}M,max:{self.dom0_memory_mb}M"

@@ -37,8 +37,6 @@ from bridge.emuhost.guest import DOM0_RUN_DIR, GUESTS_SUBDIR, HvmGuest
 from bridge.emuhost.image import Image, Log
 from bridge.emuhost.machine import BootConfig, Share, qemu_command, repo_root
 
-#: Time allowed from QEMU's start to dom0's boot.sh being ready for jobs.
-BOOT_TIMEOUT_S = 300.0
 #: How long dom0 gets to power off after ``shutdown``.
 POWEROFF_GRACE_S = 20.0
 #: Extra host-side patience over a job's own (dom0-enforced) timeout.
@@ -216,6 +214,7 @@ class HostSession:
         self._next_job = 0
         self._dead: str | None = None
         self._started = time.monotonic()
+        self._boot_timeout = boot.boot_timeout_s
         attach = prepare_session_dir(directory, shares)
         argv = qemu_command(image, boot, attach, console=f"file:{self.console_log}")
         (directory / "qemu-argv.txt").write_text(shlex.join(argv) + "\n")
@@ -267,7 +266,7 @@ class HostSession:
     def _wait_for(self, path: Path, timeout: float) -> bool:
         """Wait for dom0 to write ``path``; True if it timed out (QEMU then killed)."""
         ready = self.directory / "dom0-ready-uptime"
-        boot_deadline = self._started + BOOT_TIMEOUT_S
+        boot_deadline = self._started + self._boot_timeout
         deadline: float | None = None
         while not path.exists():
             now = time.monotonic()
