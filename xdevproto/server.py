@@ -557,8 +557,11 @@ def _region_info(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[i
     p = req.payload
     assert isinstance(p, wire.RegionInfo)
     desc = s.region_desc(p.index)
+    # A client that can receive no fds (max_msg_fds 0) gets the region
+    # without MMAP, as over a transport without fd passing.
+    neg = s.conn.negotiated
     mmap = bool(desc.flags & wire.RegionFlags.MMAP and desc.fd is not None
-                and s.transport.passes_fds)
+                and s.transport.passes_fds and (neg is None or neg.peer_max_msg_fds > 0))
     flags = desc.flags if mmap else desc.flags & ~wire.RegionFlags.MMAP
     caps = desc.caps if mmap else tuple(c for c in desc.caps
                                         if not isinstance(c, wire.SparseMmapCap))
