@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from . import checks_device, checks_migration, checks_session  # noqa: F401
+from . import (  # noqa: F401  (importing registers the checks)
+    checks_device,
+    checks_dma_irq,
+    checks_migration,
+    checks_robustness,
+    checks_session,
+)
 from .model import Check
 from .registry import CLIENT, SERVER
 

@@ -86,6 +86,18 @@ def mig_flags(ctx: Ctx) -> None:
         raise CheckFailed(f"flags {flags:#x} lack VFIO_MIGRATION_STOP_COPY")
 
 
+@SERVER("feature.argsz-small", "GET with no room for the data gets no more than argsz allows",
+        "Message sizes", SHOULD, "migration")
+def feature_argsz_small(ctx: Ctx) -> None:
+    ctx.migration()
+    s = ctx.open()
+    msg = s.call(Command.DEVICE_FEATURE, feature(Feature.MIGRATION | GET))
+    if msg.is_error:
+        return  # refusing a too-small argsz is allowed
+    if len(msg.payload) > 8:
+        raise CheckFailed(f"argsz 8 allowed 8 bytes, the reply has {len(msg.payload)}")
+
+
 @SERVER("mig.stop-run", "RUNNING -> STOP -> RUNNING", "Direct State Transitions", MUST,
         "migration")
 def mig_stop_run(ctx: Ctx) -> None:

@@ -33,6 +33,8 @@ class Fault:
     handlers: dict[Command, Handler] = field(default_factory=dict)
     mangle: Mangle | None = None
     accept_invalid: bool = False  # answer refused commands with success
+    #: answer a refused command with this payload instead
+    on_invalid: Callable[[InvalidMessage], bytes] | None = None
     ignore_no_reply: bool = False
     die_on_disconnect: bool = False  # stop serving after the first client
     leak_state: bool = False  # keep DMA maps and IRQ fds across clients
@@ -60,9 +62,10 @@ class FaultySession(Session):
 
     def _dispatch(self, ev: object) -> None:
         f = self.fault
-        if isinstance(ev, InvalidMessage) and f.accept_invalid:
+        if isinstance(ev, InvalidMessage) and (f.accept_invalid or f.on_invalid):
+            body = f.on_invalid(ev) if f.on_invalid else b""
             if not ev.no_reply:
-                self._send(wire.encode_message(ev.msg_id, ev.command, HeaderFlags.REPLY, b""))
+                self._send(wire.encode_message(ev.msg_id, ev.command, HeaderFlags.REPLY, body))
             return
         if isinstance(ev, Request):
             if f.ignore_no_reply:
@@ -71,7 +74,10 @@ class FaultySession(Session):
             if handler is not None:
                 try:
                     payload, fds = handler(self, ev)
-                    out = self.conn.send_reply(ev, payload, fds)
+                    # Encoded here, not by Connection.send_reply: a broken
+                    # server does not check its own replies.
+                    body = payload if isinstance(payload, bytes) else payload.encode()
+                    out = wire.encode_message(ev.msg_id, ev.command, HeaderFlags.REPLY, body)
                 except VfioUserError as exc:
                     out, fds = Connection.send_error(ev.msg_id, ev.command, exc.errno), []
                 if not ev.no_reply:
@@ -230,6 +236,17 @@ def _region_info_any_index(s: Session, req: Request) -> Request | Out:
     return req
 
 
+def _region_info_fd_always(s: Session, req: Request) -> Out:
+    """Region info with the fd whatever the client can receive."""
+    assert isinstance(req.payload, wire.RegionInfo)
+    idx = req.payload.index
+    desc = s.region_desc(idx)
+    info = wire.RegionInfo(0, desc.flags | (wire.RegionFlags.CAPS if desc.caps else 0), idx,
+                           0, desc.size, desc.fd_offset, desc.caps)
+    info = dataclasses.replace(info, argsz=info.encoded_size)
+    return info, [desc.fd] if desc.fd is not None else []
+
+
 def _io_fds_without_fd(s: Session, req: Request) -> Out:
     assert isinstance(req.payload, wire.RegionIoFds)
     entry = wire.IoFdEntry(0, 4, 0, 0, 0, 0)
@@ -340,6 +357,13 @@ def _state_99_ok(s: Session, req: Request, p: wire.DeviceFeature) -> Out | None:
 def _unknown_feature_ok(s: Session, req: Request, p: wire.DeviceFeature) -> Out | None:
     if p.feature not in set(Feature):
         return wire.DeviceFeature(p.argsz, p.flags, p.data), []
+    return None
+
+
+def _get_ignores_argsz(s: Session, req: Request, p: wire.DeviceFeature) -> Out | None:
+    if p.feature == Feature.MIGRATION and p.flags & FeatureFlags.GET:
+        flags = wire.FeatMigration(int(s.device.migration_flags)).encode()
+        return wire.DeviceFeature(16, p.flags, flags), []
     return None
 
 
@@ -482,6 +506,10 @@ FAULTS: dict[str, Fault] = {
     "noisy-bitmap": Fault(device=NoisyBitmapDevice),
     "reports-without-start": Fault(device=ReportsWithoutStartDevice),
     "report-any-page": Fault(handlers=_feature(_report_any_page)),
+    "ignores-client-max-fds": Fault(handlers={Command.DEVICE_GET_REGION_INFO:
+                                              _region_info_fd_always}),
+    "info-ignores-argsz": Fault(on_invalid=lambda ev: wire.DeviceInfo(16, 3, 9, 5).encode()),
+    "feature-ignores-argsz": Fault(handlers=_feature(_get_ignores_argsz)),
     # handled by the test with a monkeypatched refuse_busy
     "second-client-kills-first": Fault(),
 }
@@ -562,6 +590,9 @@ FAULT_FOR: dict[str, str] = {
     "fds.unexpected": "dies-after-a-client",
     "fds.too-many": "dies-after-a-client",
     "fds.irq-count": "accepts-invalid",
+    "fds.respects-client-max": "ignores-client-max-fds",
+    "info.argsz-small": "info-ignores-argsz",
+    "feature.argsz-small": "feature-ignores-argsz",
     "disconnect.reconnect": "leaks-client-state",
     "disconnect.irq-fds-closed": "leaks-client-state",
     "disconnect.second-client": "second-client-kills-first",

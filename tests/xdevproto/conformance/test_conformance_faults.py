@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from conformance_faults import FAULT_FOR, FAULTS, FaultyServer, kill_first_client
-from conftest import run_suite, serving
+from conformance_helpers import run_suite, serving
 
 from xdevproto import server as srv
 from xdevproto.conformance.catalog import server_checks

@@ -1,8 +1,14 @@
-"""The pytest plugin: one test per check against a marked server."""
+"""The pytest plugin: one test per check against a marked server (run in a
+separate pytest process, as a project would)."""
 
 from __future__ import annotations
 
-import pytest
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
 
 INNER = '''
 import pytest
@@ -16,21 +22,8 @@ def test_write_multi(vfio_user_check):
     assert vfio_user_check.check.level.value == "MUST"
 '''
 
-
-def test_plugin_parametrises_one_test_per_check(pytester: pytest.Pytester,
-                                                 testdev_socket: str) -> None:
-    pytester.makepyfile(INNER.format(path=testdev_socket))
-    result = pytester.runpytest_inprocess("-p", "xdevproto.conformance.pytest_plugin", "-v")
-    # 11 version checks, 9 DMA checks, 1 write-multi check
-    result.assert_outcomes(passed=21)
-    result.stdout.fnmatch_lines(["*test_conformance?dma.overlap? PASSED*"])
-
-
-def test_plugin_fails_a_check_the_server_breaks(pytester: pytest.Pytester) -> None:
-    # A "server" that accepts connections and never answers: every check
-    # that needs a reply fails, with the spec section in the message.
-    pytester.makeconftest('''
-import socket, tempfile, os, pytest
+MUTE_CONFTEST = '''
+import os, socket, tempfile, pytest
 
 @pytest.fixture(scope="session")
 def mute_server():
@@ -39,14 +32,37 @@ def mute_server():
     s.bind(os.path.join(d, "s")); s.listen(64)
     yield os.path.join(d, "s")
     s.close()
-''')
-    pytester.makepyfile('''
+'''
+
+MUTE_TEST = '''
 import pytest
 
 @pytest.mark.vfio_user_server(fixture="mute_server", only=["version.reply"], timeout=0.2)
 def test_conformance(vfio_user_check):
     pass
-''')
-    result = pytester.runpytest_inprocess("-p", "xdevproto.conformance.pytest_plugin")
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*version.reply ?MUST, VFIO_USER_VERSION?*"])
+'''
+
+
+def run_pytest(where: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
+         "-p", "xdevproto.conformance.pytest_plugin", "--rootdir", str(where), str(where)],
+        cwd=where, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_plugin_parametrises_one_test_per_check(tmp_path: Path, testdev_socket: str) -> None:
+    (tmp_path / "test_inner.py").write_text(INNER.format(path=testdev_socket))
+    out = run_pytest(tmp_path)
+    # 11 version checks, 9 DMA checks, 1 write-multi check
+    assert "21 passed" in out.stdout, out.stdout + out.stderr
+    assert "test_conformance[dma.overlap] PASSED" in out.stdout
+
+
+def test_plugin_fails_a_check_the_server_breaks(tmp_path: Path) -> None:
+    # A "server" that accepts connections and never answers.
+    (tmp_path / "conftest.py").write_text(MUTE_CONFTEST)
+    (tmp_path / "test_mute.py").write_text(MUTE_TEST)
+    out = run_pytest(tmp_path)
+    assert "1 failed" in out.stdout, out.stdout + out.stderr
+    assert "version.reply [MUST, VFIO_USER_VERSION]" in out.stdout

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from conftest import run_suite
+from conformance_helpers import run_suite
 
 from xdevproto.conformance import cli
 from xdevproto.conformance.catalog import server_checks
