@@ -62,6 +62,10 @@ LIBVFIO_USER: dict[str, tuple[Divergence, ...]] = {
     "header.error-bit-command": (_d(
         "libvfio-user looks only at the type bits of a command's flags: a command with "
         "the Error bit set is executed", "a command carrying the Error bit was executed"),),
+    "fds.respects-client-max": (_d(
+        "libvfio-user records the client's max_msg_fds but still attaches a mappable "
+        "region's fd to DEVICE_GET_REGION_INFO when it is 0 (lib/tran.c notes it as a FIXME)",
+        "fds to a client whose max_msg_fds is 0"),),
     "irq.bad-argsz": (_d("libvfio-user accepts a SET_IRQS whose argsz exceeds the request",
                          "the server accepted it"),),
 }
