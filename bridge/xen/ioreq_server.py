@@ -211,6 +211,10 @@ class IoreqServer:
             step()
         except DomainGone:
             log.info("ioreq server %s: %s skipped, domain %d is gone", self.id, name, self.domid)
+        except XenCallError as exc:
+            # ENOENT: the server went with a dying domain before we got to it.
+            level = logging.INFO if exc.errno == errno.ENOENT else logging.WARNING
+            log.log(level, "ioreq server %s: %s failed: %s", self.id, name, exc)
         except XenError as exc:
             log.warning("ioreq server %s: %s failed: %s", self.id, name, exc)
 

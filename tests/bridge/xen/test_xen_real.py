@@ -1,9 +1,9 @@
 """The ioreq server against a real Xen (the emulated host): an HVM guest reads our MMIO.
 
-dom0 creates an HVM guest paused, starts ``mmio_echo_server.py`` (the real
-cffi bindings, resource-mapped ioreq pages, xenstore, privilege drop),
-unpauses the guest.  The guest reads and writes the page with ``devmem``
-(unclaimed, its reads would go to QEMU and return all-ones) and prints the
+dom0 creates an HVM guest and starts ``mmio_echo_server.py`` (the real
+cffi bindings, resource-mapped ioreq pages, xenstore, privilege drop).  The
+guest polls with ``devmem`` until the page answers (until the claim, its
+reads go to QEMU and return all-ones), reads and writes it, and prints the
 values.  Destroying the guest must make the server tear down by itself
 (``@releaseDomain``).
 """
@@ -25,7 +25,7 @@ BASE = 0xFE800000
 GUEST_INIT = f"""
 echo XDEV-GUEST-UP
 i=0
-while [ $i -lt 30 ]; do
+while [ $i -lt 600 ]; do
     [ "$(devmem {BASE:#x} 32)" = "0xC0FFEE00" ] && break
     sleep 1
     i=$((i+1))
@@ -39,11 +39,13 @@ echo XDEV-MMIO-DONE
 """
 
 DOM0_SCRIPT = f"""
-: > "$XDEV_RUN/guests/mmio.serial"
-xl create -p "$XDEV_RUN/guests/mmio.cfg" || exit 3
-# Start the server while the guest is paused.  Python has been seen to die in
-# interpreter start-up under TCG now and then; a start that dies before it is
-# ready is retried (twice at most), and every attempt's log is kept.
+. "$XDEV_LIB"
+# Not "xl create -p" + "xl unpause": that unpause was seen to hang here.  The
+# guest polls until the page answers instead.
+xdev_guest_start mmio || exit 3
+# Python has been seen to die in interpreter start-up under TCG now and then;
+# a start that dies before it is ready is retried (twice at most), and every
+# attempt's log is kept.
 for attempt in 1 2 3; do
     python3 /xdev/repo/tests/bridge/xen/mmio_echo_server.py --domain mmio --base {BASE:#x} \
         --ready "$XDEV_RUN/ready-server" --report "$XDEV_RUN/report.json" --user nobody \
@@ -58,8 +60,7 @@ for attempt in 1 2 3; do
     echo "attempt $attempt failed" >> "$XDEV_RUN/status"
 done
 cat "$XDEV_RUN"/server.log.* > "$XDEV_RUN/server.log"
-xl unpause mmio
-xdev_guest_wait mmio XDEV-MMIO-DONE 300
+xdev_guest_wait mmio XDEV-MMIO-DONE 900
 echo "wait=$?" >> "$XDEV_RUN/status"
 xl destroy mmio
 for i in $(seq 60); do kill -0 $server 2>/dev/null || break; sleep 1; done
@@ -85,7 +86,7 @@ def emuhost() -> EmuHost:
 
 def test_guest_reads_and_writes_our_mmio_and_death_tears_down(emuhost: EmuHost) -> None:
     result = emuhost.run(DOM0_SCRIPT, guests=[HvmGuest(name="mmio", init_script=GUEST_INIT)],
-                         timeout=600)
+                         timeout=1500)
     status = result.file("status")
     log = result.file("server.log")
     serial = result.guest_serial("mmio")
