@@ -51,6 +51,8 @@ class Target:
 
     def ensure_up(self) -> None:
         """Make sure a server is listening (restart it if it exited)."""
+        if not os.path.exists(self.path):
+            raise TargetError(f"no socket at {self.path}")
 
     def begin_check(self) -> None:
         """Called before each check."""
