@@ -15,7 +15,6 @@ docs/xdev-bridge.md).
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.core import Bridge, BridgeDevice, parse_bdf
+from bridge.foreign import DmaMemory, offer
 from bridge.xen import xenstore
 from bridge.xen.abi import Sbdf
 from bridge.xen.backend import XenBackend
@@ -35,7 +35,6 @@ from bridge.xen.irq import Interrupts
 from bridge.xen.libs import XenLibs
 from bridge.xen.privileges import drop_root, lookup_user, restrict_to_domain
 from xdevproto.daemon import expand_config, notify, setup_logging
-from xdevproto.errors import DeviceError
 
 log = logging.getLogger("xdev-bridge")
 
@@ -54,6 +53,7 @@ class Config:
     user: str | None
     restrict: bool
     log_level: str
+    direct_dma: bool = True
 
 
 def parse_device(text: str) -> DeviceSpec:
@@ -80,6 +80,9 @@ def parse_args(argv: list[str]) -> Config:
                     help="drop root to this user after set-up")
     ap.add_argument("--no-restrict", dest="restrict", action="store_false",
                     help="do not restrict the Xen handles to the guest (debugging only)")
+    ap.add_argument("--no-direct-dma", dest="direct_dma", action="store_false",
+                    help="do not offer device servers to map guest memory themselves "
+                         "(xdev extension); they then use DMA_READ/DMA_WRITE")
     ap.add_argument("--config", metavar="FILE", help="read options from FILE")
     ap.add_argument("--log-level", default="info",
                     choices=["debug", "info", "warning", "error"])
@@ -89,7 +92,8 @@ def parse_args(argv: list[str]) -> Config:
         if dev.sbdf in seen:
             ap.error(f"PCI address {dev.bdf} given twice")
         seen.add(dev.sbdf)
-    return Config(args.domain, tuple(args.device), args.user, args.restrict, args.log_level)
+    return Config(args.domain, tuple(args.device), args.user, args.restrict, args.log_level,
+                  args.direct_dma)
 
 
 class XenFrontend:
@@ -123,26 +127,6 @@ class XenFrontend:
         self.memory.invalidate()
 
 
-class DmaMemory:
-    """Guest RAM for device servers' DMA_READ/DMA_WRITE: Xen's errors
-    become the reply's errno."""
-
-    def __init__(self, memory: GuestMemory) -> None:
-        self.memory = memory
-
-    def read(self, addr: int, length: int) -> bytes:
-        try:
-            return self.memory.read(addr, length)
-        except XenError as exc:
-            raise DeviceError(str(exc), errno.EFAULT) from None
-
-    def write(self, addr: int, data: bytes) -> None:
-        try:
-            self.memory.write(addr, data)
-        except XenError as exc:
-            raise DeviceError(str(exc), errno.EFAULT) from None
-
-
 def run(cfg: Config, *, xen: XenBackend | None = None, xs_client: Any = None,
         stop: threading.Event | None = None) -> int:
     """Serve until the guest dies, SIGTERM, or ``stop``; ``xen`` and
@@ -168,7 +152,8 @@ def run(cfg: Config, *, xen: XenBackend | None = None, xs_client: Any = None,
     frontend.ioreq = ioreq
     dma = DmaMemory(memory)
     for spec in cfg.devices:
-        bridge.add(BridgeDevice(spec.sbdf, spec.address, frontend, dma))
+        bridge.add(BridgeDevice(spec.sbdf, spec.address, frontend, dma,
+                                guest_memory_offer=offer(domid) if cfg.direct_dma else None))
     watcher = xenstore.DomainWatcher(xs_client, domid, stop.set)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

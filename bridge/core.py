@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from xdevproto.client import Client
 from xdevproto.errors import RemoteError, VfioUserError
@@ -138,12 +138,14 @@ class BridgeDevice:
 
     def __init__(self, sbdf: int, address: str, frontend: Frontend,
                  guest: GuestMemory | None, *,
-                 dma_ranges: Sequence[tuple[int, int]] = ((0, 1 << 48),)) -> None:
+                 dma_ranges: Sequence[tuple[int, int]] = ((0, 1 << 48),),
+                 guest_memory_offer: dict[str, Any] | None = None) -> None:
         self.sbdf = sbdf
         self.address = address
         self.frontend = frontend
         self.guest = guest
         self.dma_ranges = tuple(dma_ranges)
+        self.guest_memory_offer = guest_memory_offer
         self.client: Client | None = None
         self.bars: dict[int, Bar] = {}
         self.command = 0
@@ -164,7 +166,8 @@ class BridgeDevice:
     def connect(self) -> None:
         """Connect, learn the device, set up DMA and interrupts, and replay
         the guest's configuration (after a reconnect)."""
-        client = Client.connect(self.address, guest=self.guest)
+        client = Client.connect(self.address, guest=self.guest,
+                                guest_memory_offer=self.guest_memory_offer)
         try:
             self._learn(client)
             for start, size in self.dma_ranges:

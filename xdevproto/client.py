@@ -16,6 +16,7 @@ import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from . import wire
 from .connection import NEED_DATA, Connection, InvalidMessage, Reply, Request, Role, close_fds
@@ -65,12 +66,19 @@ class Client:
         guest: GuestMemory | None = None,
         capabilities: wire.Capabilities | None = None,
         twin_socket: bool = True,
+        guest_memory_offer: dict[str, Any] | None = None,
     ) -> None:
+        """``guest_memory_offer``: xdev extension, e.g. ``{"kind":
+        "xen-foreign", "domid": 5}``: the server may map guest memory itself
+        instead of sending DMA_READ/DMA_WRITE (see :attr:`direct_memory`)."""
         self.transport = Transport(sock, max_recv_fds=wire.MAX_IO_FD_ENTRIES)
         fds_ok = self.transport.passes_fds
+        exts = ({wire.XDEV_EXTENSION: {"guest_memory": guest_memory_offer}}
+                if guest_memory_offer else {})
         caps = capabilities or wire.Capabilities(
             max_msg_fds=8 if fds_ok else 0,
             twin_socket=wire.TwinSocket(True) if twin_socket and fds_ok else None,
+            extensions=exts,
         )
         self.conn = Connection(Role.CLIENT, caps)
         self.guest = guest
@@ -105,6 +113,13 @@ class Client:
             # Server commands now come only on the twin socket: a thread
             # blocked on it costs the main socket's round trips nothing.
             self.start_dma_service()
+
+    @property
+    def direct_memory(self) -> bool:
+        """The server accepted our guest-memory offer."""
+        neg = self.conn.negotiated
+        ext = neg.extensions.get(wire.XDEV_EXTENSION) if neg else None
+        return isinstance(ext, dict) and "guest_memory" in ext
 
     @property
     def server_max_xfer(self) -> int:
@@ -353,8 +368,18 @@ class Client:
     def set_irqs(self, index: int, action: SetIrqsFlags, start: int = 0, *,
                  fds: Sequence[int] | None = None, bools: Sequence[bool] | None = None,
                  count: int | None = None) -> None:
-        """One SET_IRQS: eventfds (``fds``), booleans, or neither (DATA_NONE)."""
+        """One SET_IRQS: eventfds (``fds``), booleans, or neither (DATA_NONE).
+
+        More eventfds than the server's max_msg_fds go in several messages,
+        each for its own range of vectors ("VFIO_USER_VERSION": max_msg_fds).
+        """
         if fds is not None:
+            neg = self.conn.negotiated
+            step = neg.peer_max_msg_fds if neg else wire.DEFAULT_MAX_MSG_FDS
+            if count is None and 0 < step < len(fds):
+                for pos in range(0, len(fds), step):
+                    self.set_irqs(index, action, start + pos, fds=fds[pos:pos + step])
+                return
             n = len(fds) if count is None else count
             sp = wire.SetIrqs(wire.SetIrqs.SIZE, SetIrqsFlags.DATA_EVENTFD | action, index,
                               start, n)

@@ -20,8 +20,9 @@ import logging
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from . import wire
 from .connection import (
@@ -38,6 +39,7 @@ from .connection import (
 from .device import Device, DeviceContext, DmaRegion, RegionDesc
 from .errors import ConnectionClosed, DeviceError, PeerProtocolError, VfioUserError
 from .features import handle_feature
+from .guestmem import GuestMemory
 from .transport import Transport, peer_credentials
 from .wire import Command, SetIrqsFlags
 
@@ -104,6 +106,7 @@ class Session(DeviceContext):
         self.attached = False
         self._twin: tuple[Transport, Connection] | None = None
         self._twin_lock = threading.Lock()
+        self.direct_memory: GuestMemory | None = None
 
     # -- DeviceContext -----------------------------------------------------------
     @property
@@ -111,7 +114,31 @@ class Session(DeviceContext):
         neg = self.conn.negotiated
         return neg.peer_max_data_xfer_size if neg else wire.DEFAULT_MAX_DATA_XFER_SIZE
 
+    def accept_guest_memory(self, req: Request) -> None:
+        """xdev extension: the client offers guest memory this server may map
+        itself (``{"xdev": {"guest_memory": {"kind": K, ...}}}``); accept it
+        when a mapper for K is configured, so that DMA to regions mapped
+        without an fd skips the DMA_READ/DMA_WRITE messages."""
+        caps = self.conn.our_caps
+        exts = {k: v for k, v in caps.extensions.items() if k != wire.XDEV_EXTENSION}
+        assert isinstance(req.payload, wire.Version)
+        offer = req.payload.capabilities.extensions.get(wire.XDEV_EXTENSION)
+        memory = offer.get("guest_memory") if isinstance(offer, dict) else None
+        kind = memory.get("kind") if isinstance(memory, dict) else None
+        factory = self.server.guest_mappers.get(kind) if isinstance(kind, str) else None
+        if factory is not None and isinstance(memory, dict):
+            try:
+                self.direct_memory = factory(memory)
+            except Exception as exc:  # the offer is the peer's; refusing it is enough
+                log.warning("guest memory %r offered but not usable: %s", kind, exc)
+            else:
+                exts[wire.XDEV_EXTENSION] = {"guest_memory": {"kind": kind}}
+                log.info("DMA through %s guest memory, without messages", kind)
+        self.conn.our_caps = dataclasses.replace(caps, extensions=exts)
+
     def dma_read(self, iova: int, length: int) -> bytes:
+        if self.direct_memory is not None:
+            return self.direct_memory.read(iova, length)
         out = bytearray()
         step = self.max_data_xfer_size
         while len(out) < length:
@@ -126,6 +153,9 @@ class Session(DeviceContext):
         return bytes(out)
 
     def dma_write(self, iova: int, data: bytes | memoryview) -> None:
+        if self.direct_memory is not None:
+            self.direct_memory.write(iova, bytes(data))
+            return
         step = self.max_data_xfer_size
         view = memoryview(data)
         for pos in range(0, len(view), step):
@@ -389,8 +419,12 @@ class Server:
         capabilities: wire.Capabilities | None = None,
         twin_socket: bool = True,
         allowed_uids: Iterable[int] | None = None,
+        guest_mappers: Mapping[str, Callable[[dict[str, Any]], GuestMemory]] | None = None,
     ) -> None:
+        """``guest_mappers``: kinds of guest memory this server can map by
+        itself (see Session.accept_guest_memory), e.g. ``xen-foreign``."""
         self.device = device
+        self.guest_mappers = dict(guest_mappers or {})
         self.capabilities = capabilities or wire.Capabilities(max_msg_fds=8)
         self.twin_socket = twin_socket
         self.allowed_uids = frozenset(allowed_uids) if allowed_uids is not None else None
@@ -500,6 +534,7 @@ _WRITE = int(wire.RegionFlags.WRITE)
 
 
 def _version(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    s.accept_guest_memory(req)
     try:
         reply = s.conn.accept_version(req, twin_socket=s.server.twin_socket
                                       and s.transport.passes_fds)

@@ -218,6 +218,11 @@ MAX_MSG_FDS_LIMIT = 1024
 WRITE_MULTI_MAX = 200  # QEMU's batch size; the spec sets no bound beyond msg size
 WRITE_MULTI_DATA = 8
 
+#: Capability key of xdev's own VERSION extensions. A peer that does not know
+#: it ignores it (unknown keys are ignored by the spec), and a server only
+#: echoes what it accepted, so standard peers are unaffected.
+XDEV_EXTENSION = "xdev"
+
 # Domain aliases keep the declarations readable.
 Iova = c.Int64ul
 Offset = c.Int64ul

@@ -221,3 +221,56 @@ def test_second_concurrent_client_is_refused(served) -> None:
             Client.connect(served.path)
         assert e.value.errno == errno.EBUSY
         assert c.region_read(PciRegion.BAR0, 0, 4) == struct.pack("<I", ID_VALUE)
+
+
+class CountingRam(MemfdRam):
+    """Guest RAM that counts the message DMA it serves."""
+
+    served = 0
+
+    def read(self, addr: int, length: int) -> bytes:
+        CountingRam.served += 1
+        return super().read(addr, length)
+
+
+def test_direct_guest_memory_extension(tmp_path) -> None:
+    """A server with a mapper for the offered kind does DMA without
+    messages; one without falls back to DMA_READ/DMA_WRITE."""
+    from xdevproto.server import Server
+    from xdevproto.testdev import TestDevice
+    from xdevproto.transport import listen
+
+    ram = CountingRam(1 << 16)
+
+    class Direct:  # the server's own view of the same memory, uncounted
+        def read(self, addr: int, length: int) -> bytes:
+            return MemfdRam.read(ram, addr, length)
+
+        def write(self, addr: int, data: bytes) -> None:
+            MemfdRam.write(ram, addr, data)
+
+    shared = {"ram": Direct()}
+    for mapper, expect_direct in (({"shared-test": lambda p: shared[p["name"]]}, True),
+                                  ({}, False)):
+        dev = TestDevice()
+        server = Server(dev, guest_mappers=mapper)
+        path = str(tmp_path / f"d{expect_direct}.sock")
+        lst = listen(path)
+        import threading
+
+        t = threading.Thread(target=server.serve, args=(lst,), daemon=True)
+        t.start()
+        CountingRam.served = 0
+        with Client.connect(path, guest=ram,
+                            guest_memory_offer={"kind": "shared-test", "name": "ram"}) as c:
+            assert c.direct_memory is expect_direct
+            c.dma_map(0, 1 << 16)  # no fd
+            ram.write(0x40, b"direct??")
+            c.region_write(PciRegion.BAR0, 0x08, struct.pack("<QI", 0x40, 8))
+            c.region_write(PciRegion.BAR0, 0x14, struct.pack("<I", 1))
+            assert c.region_read(PciRegion.BAR0, BUF_OFF, 8) == b"direct??"
+        assert (CountingRam.served == 0) is expect_direct
+        server.stop()
+        t.join(5)
+        lst.close()
+    ram.close()

@@ -1,0 +1,58 @@
+"""Guest memory through Xen foreign mappings, for the bridge and for device
+servers that may map the guest themselves.
+
+The bridge serves DMA_READ/DMA_WRITE from :class:`DmaMemory`. It also offers
+the xdev VERSION extension ``{"xdev": {"guest_memory": {"kind":
+"xen-foreign", "domid": N}}}``; a device server started with
+``--xen-foreign-dma`` (running in a domain allowed to map the guest, e.g.
+dom0 or a stub domain targeting it) accepts it through
+:data:`GUEST_MAPPERS` and then reaches guest memory directly instead of by
+messages. Standard peers ignore the key.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from bridge.xen.errors import XenError
+from bridge.xen.guestmem import GuestMemory
+from xdevproto.errors import DeviceError
+
+KIND = "xen-foreign"
+
+
+class DmaMemory:
+    """Guest RAM with Xen's errors turned into the reply's errno (EFAULT)."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+
+    def read(self, addr: int, length: int) -> bytes:
+        try:
+            return self.memory.read(addr, length)
+        except XenError as exc:
+            raise DeviceError(str(exc), errno.EFAULT) from None
+
+    def write(self, addr: int, data: bytes) -> None:
+        try:
+            self.memory.write(addr, data)
+        except XenError as exc:
+            raise DeviceError(str(exc), errno.EFAULT) from None
+
+
+def offer(domid: int) -> dict[str, Any]:
+    return {"kind": KIND, "domid": domid}
+
+
+def xen_foreign_memory(params: dict[str, Any]) -> DmaMemory:
+    """A device server's mapper for the bridge's offer."""
+    from bridge.xen.libs import XenLibs
+
+    domid = params.get("domid")
+    if isinstance(domid, bool) or not isinstance(domid, int) or not 0 < domid < 0x7FF0:
+        raise ValueError(f"bad domid {domid!r} in the guest-memory offer")
+    return DmaMemory(GuestMemory(XenLibs(), domid))
+
+
+GUEST_MAPPERS = {KIND: xen_foreign_memory}
