@@ -22,7 +22,7 @@ import pytest
 from xdevproto.client import Client
 from xdevproto.errors import DeviceError, RemoteError
 from xdevproto.guestmem import MemfdRam
-from xdevproto.lvu import Context, DmaInfo, IrqType, Region, RegionFlag, ResetType
+from xdevproto.lvu import Context, DmaInfo, IrqType, MigrState, Region, RegionFlag, ResetType
 from xdevproto.lvu.loader import unavailable_reason
 from xdevproto.wire import SetIrqsFlags
 
@@ -226,3 +226,91 @@ def test_reset_and_lost_connection_reach_the_reset_callback(
     assert resets == [ResetType.DEVICE, ResetType.LOST_CONN]
     r.stop()  # vfu_destroy_ctx resets once more, client or not
     assert resets == [ResetType.DEVICE, ResetType.LOST_CONN, ResetType.LOST_CONN]
+
+
+def test_sparse_mmap_areas_and_the_region_fd_reach_the_client(
+        make: Callable[..., Running]) -> None:
+    fd = os.memfd_create("lvu-bar1")
+    os.ftruncate(fd, 0x4000)
+    os.pwrite(fd, b"shared", 0x2000)
+
+    def setup(ctx: Context) -> None:
+        ctx.setup_region(Region.BAR1, 0x4000, read=pattern, flags=RegionFlag.RW | RegionFlag.MEM,
+                         mmap_areas=[(0, 0x1000), (0x2000, 0x1000)], fd=fd)
+
+    r = make(setup)
+    with Client.connect(r.path) as c:
+        info = c.region_info(Region.BAR1)
+        assert [(a.offset, a.size) for a in info.sparse_areas] == [(0, 0x1000), (0x2000, 0x1000)]
+        assert info.fd is not None
+        assert os.pread(info.fd, 6, info.offset + 0x2000) == b"shared"
+        os.close(info.fd)
+        assert c.region_read(Region.BAR1, 0x1000, 4) == pattern(0x1000, 4)
+    os.close(fd)
+
+
+def test_irq_mask_and_unmask_reach_the_state_callback(make: Callable[..., Running]) -> None:
+    states: list[tuple[int, int, bool]] = []
+
+    def setup(ctx: Context) -> None:
+        bar0(ctx)
+        ctx.setup_irqs(IrqType.MSIX, 4)
+        ctx.on_irq_state(IrqType.MSIX, lambda start, count, masked:
+                         states.append((start, count, masked)))
+
+    r = make(setup)
+    with Client.connect(r.path) as c:
+        assert c.irq_info(IrqType.MSIX).count == 4
+        c.set_irqs(IrqType.MSIX, SetIrqsFlags.ACTION_MASK, 1, count=2)
+        c.set_irqs(IrqType.MSIX, SetIrqsFlags.ACTION_UNMASK, 1, count=2)
+    assert states == [(1, 2, True), (1, 2, False)]
+
+
+def test_quiesce_comes_before_dma_map_and_reset(make: Callable[..., Running]) -> None:
+    events: list[str] = []
+
+    def setup(ctx: Context) -> None:
+        bar0(ctx)
+        ctx.setup_dma(lambda info: events.append("map"), None)
+        ctx.on_reset(lambda kind: events.append(f"reset {kind.name}"))
+
+        def quiesce() -> bool:
+            events.append("quiesce")
+            return True
+        ctx.on_quiesce(quiesce)
+
+    r = make(setup)
+    with Client.connect(r.path) as c:
+        c.dma_map(0x10000, 0x1000)
+        c.reset()
+    assert events[:4] == ["quiesce", "map", "quiesce", "reset DEVICE"]
+
+
+def test_migration_state_saved_from_one_context_loads_into_another(
+        make: Callable[..., Running]) -> None:
+    state = bytes(range(256)) * 3
+    seen: dict[str, list[object]] = {"a": [], "b": []}
+    loaded = bytearray()
+
+    def migratable(name: str) -> Callable[[Context], None]:
+        left = bytearray(state)
+
+        def read(count: int) -> bytes:
+            chunk = bytes(left[:count])
+            del left[:count]
+            return chunk
+
+        def setup(ctx: Context) -> None:
+            bar0(ctx)
+            ctx.setup_migration(seen[name].append, read, loaded.extend)
+        return setup
+
+    source, target = make(migratable("a")), make(migratable("b"))
+    with Client.connect(source.path) as c:
+        saved = c.save_device()
+    with Client.connect(target.path) as c:
+        c.load_device(saved)
+    assert saved == state and bytes(loaded) == state
+    # the library walks the vfio v2 arcs one state at a time, through STOP
+    assert seen["a"] == [MigrState.STOP, MigrState.STOP_AND_COPY, MigrState.STOP]
+    assert seen["b"] == [MigrState.STOP, MigrState.RESUME, MigrState.STOP, MigrState.RUNNING]
