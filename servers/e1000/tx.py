@@ -1,0 +1,218 @@
+"""The transmit engine (8254x SDM 3.3 "Packet Transmission", 3.5 TSO).
+
+A TDT write (or TCTL.EN) processes every descriptor from TDH to TDT in one
+batch: the descriptors are fetched with one read per contiguous stretch of
+the ring, data buffers are gathered until EOP, offloads applied, frames
+handed to the back end, and status written back for RS descriptors.
+
+Hostile rings are bounded: at most one ring's worth of descriptors per
+kick, a head outside the ring restarts at 0 (CVE-2016-1981), a frame is
+capped at :data:`MAX_TX_FRAME` bytes and dropped beyond it, TSO parameters
+that cannot make progress drop the frame (CVE-2015-6815, CVE-2021-20257),
+and loopback frames are delivered to the receiver after the batch rather
+than from inside it (CVE-2021-3416).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import TYPE_CHECKING
+
+from xdevproto.errors import VfioUserError
+
+from . import packet
+from . import regs as R
+from .packet import OffloadError, TxContext
+
+if TYPE_CHECKING:
+    from .nic import E1000
+
+log = logging.getLogger(__name__)
+
+DESC = 16
+MAX_TX_FRAME = packet.MAX_TSO_PAYLOAD + 256  # TSO header + 64 KiB payload
+MAX_LOOPBACK = 256  # frames looped back per batch; more are dropped
+
+# Descriptor command bits (SDM 3.3.3 legacy CMD, 3.3.7.1 DCMD, 3.3.6 TUCMD)
+CMD_EOP = 0x01
+CMD_IC = 0x04  # legacy: insert checksum; data: TSE
+CMD_TSE = 0x04
+CMD_RS = 0x08
+CMD_DEXT = 0x20
+CMD_VLE = 0x40
+CMD_IDE = 0x80
+STA_DD = 0x01
+DTYP_CONTEXT = 0
+DTYP_DATA = 1
+POPTS_IXSM = 0x01
+POPTS_TXSM = 0x02
+
+
+class Transmitter:
+    def __init__(self, nic: E1000) -> None:
+        self.nic = nic
+        self.busy = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.ctx = TxContext()
+        self.buf = bytearray()
+        self.oversize = False
+        self.bad_dma = False
+        self.tse = False
+        self.popts = 0
+        self.loopback: list[bytes] = []
+
+    def kick(self) -> None:
+        """Process the ring (called with the NIC lock held)."""
+        nic = self.nic
+        regs = nic.regs
+        if self.busy or not regs[R.TCTL] & R.TCTL_EN:
+            return  # re-entry (never expected: DMA cannot reach our registers)
+        n = regs[R.TDLEN] // DESC
+        if n == 0:
+            return
+        self.busy = True
+        try:
+            head, tail = regs[R.TDH], regs[R.TDT]
+            if head >= n:
+                head = 0  # a head past the ring would never meet the tail
+            base = regs[R.TDBAH] << 32 | regs[R.TDBAL]
+            rs_seen = ide_only = False
+            done = 0
+            while head != tail and done < n:
+                count = min((tail - head) % n if tail < n else n - head, n - head, n - done)
+                try:
+                    raw = nic.dma.read(base + head * DESC, count * DESC)
+                except VfioUserError as exc:
+                    log.warning("TX ring at %#x unreadable: %s", base + head * DESC, exc)
+                    break
+                for i in range(count):
+                    desc = raw[i * DESC:(i + 1) * DESC]
+                    cmd = self._descriptor(desc)
+                    if cmd & CMD_RS:
+                        self._write_status(base + (head + i) * DESC)
+                        rs_seen = True
+                        ide_only = ide_only or bool(cmd & CMD_IDE)
+                head = (head + count) % n
+                done += count
+                regs[R.TDH] = head
+            regs[R.TDH] = head
+        finally:
+            self.busy = False
+        if rs_seen:
+            if ide_only:
+                nic.delayed_cause(R.ICR_TXDW, "tidv", "tadv", regs[R.TIDV], regs[R.TADV])
+            else:
+                nic.raise_cause(R.ICR_TXDW)
+        if head == tail:
+            nic.raise_cause(R.ICR_TXQE)
+        self._deliver_loopback()
+
+    def _write_status(self, addr: int) -> None:
+        try:
+            self.nic.dma.write(addr + 12, bytes([STA_DD]))
+        except VfioUserError as exc:
+            log.warning("TX status write-back at %#x failed: %s", addr, exc)
+
+    def _descriptor(self, desc: bytes) -> int:
+        """Handle one descriptor; return its command byte."""
+        addr, length, cso, cmd, _sta, css, special = struct.unpack("<QHBBBBH", desc)
+        if not cmd & CMD_DEXT:
+            self._gather(addr, length)
+            if cmd & CMD_EOP:
+                self._end_legacy(cmd, cso, css, special)
+            return cmd
+        dtyp = desc[10] >> 4
+        if dtyp == DTYP_CONTEXT:
+            self.ctx = TxContext.unpack(desc)
+            return cmd
+        if dtyp != DTYP_DATA:
+            log.debug("TX descriptor type %d ignored", dtyp)
+            return cmd
+        self._gather(addr, struct.unpack_from("<I", desc, 8)[0] & 0xFFFFF)
+        self.tse = bool(cmd & CMD_TSE)
+        self.popts |= desc[13]
+        if cmd & CMD_EOP:
+            self._end_data(cmd, special)
+        return cmd
+
+    def _gather(self, addr: int, length: int) -> None:
+        if length == 0 or self.oversize or self.bad_dma:
+            return
+        if len(self.buf) + length > MAX_TX_FRAME:
+            self.oversize = True
+            return
+        try:
+            self.buf += self.nic.dma.read(addr, length)
+        except VfioUserError:
+            self.bad_dma = True
+
+    def _take(self) -> bytearray | None:
+        frame, bad = self.buf, self.oversize or self.bad_dma
+        self.buf = bytearray()
+        self.oversize = self.bad_dma = False
+        self.popts = 0
+        if bad or not frame:
+            if self.tse:
+                self.nic.count("TSCTFC")
+            log.debug("TX frame dropped (oversize or unreadable)")
+            return None
+        return frame
+
+    def _end_legacy(self, cmd: int, cso: int, css: int, special: int) -> None:
+        frame = self._take()
+        if frame is None:
+            return
+        if cmd & CMD_IC:
+            packet.legacy_checksum(frame, css, cso)
+        self._emit(frame, cmd, special)
+
+    def _end_data(self, cmd: int, special: int) -> None:
+        tse, popts = self.tse, self.popts
+        frame = self._take()
+        self.tse = False
+        if frame is None:
+            return
+        ixsm, txsm = bool(popts & POPTS_IXSM), bool(popts & POPTS_TXSM)
+        if not tse:
+            packet.apply_checksums(frame, self.ctx, ixsm, txsm)
+            self._emit(frame, cmd, special)
+            return
+        try:
+            segments = packet.segment(frame, self.ctx, ixsm, txsm)
+        except OffloadError as exc:
+            log.debug("TSO frame dropped: %s", exc)
+            self.nic.count("TSCTFC")
+            return
+        self.nic.count("TSCTC")
+        for seg in segments:
+            self._emit(seg, cmd, special)
+
+    def _emit(self, frame: bytearray, cmd: int, special: int) -> None:
+        nic = self.nic
+        if cmd & CMD_VLE and nic.regs[R.CTRL] & R.CTRL_VME:
+            frame = packet.insert_vlan(frame, nic.regs[R.VET], special)
+        out = bytes(packet.pad(frame)) if nic.regs[R.TCTL] & R.TCTL_PSP else bytes(frame)
+        size = len(out) + 4  # the counters include the FCS
+        nic.count("GPTC")
+        nic.count("TPT")
+        nic.count64("GOTCL", size)
+        nic.count64("TOTL", size)
+        if out[:6] == packet.BROADCAST:
+            nic.count("BPTC")
+        elif out[0] & 1:
+            nic.count("MPTC")
+        nic.count(packet.size_bucket("PTC", size))
+        if nic.regs[R.RCTL] & R.RCTL_LBM_MAC == R.RCTL_LBM_MAC or nic.phy.loopback:
+            if len(self.loopback) < MAX_LOOPBACK:
+                self.loopback.append(out)
+            return
+        nic.send(out)
+
+    def _deliver_loopback(self) -> None:
+        frames, self.loopback = self.loopback, []
+        for frame in frames:
+            self.nic.rx.receive(frame)
+
