@@ -315,8 +315,11 @@ class Context:
     def on_quiesce(self, fn: Callable[[], bool]) -> None:
         """``vfu_setup_device_quiesce_cb``: ``fn()`` returns True once quiesced.
 
-        False means "busy" (EBUSY to the library); call :meth:`quiesced`
-        when done. Without a quiesce callback the library assumes quiesced.
+        The library asks before DMA_MAP, DMA_UNMAP, DEVICE_RESET, migration
+        state changes and writes to the PCIe capability. False means "busy"
+        (EBUSY to the library): :meth:`run` then raises ``OSError(EBUSY)``
+        until :meth:`quiesced` is called (which executes the held request).
+        Without a quiesce callback the library assumes quiesced.
         """
         def quiesce(_ctx: Any) -> int:
             try:

@@ -1,0 +1,90 @@
+"""xdev's TestDevice served by libvfio-user through the engine sketch.
+
+Needs libvfio-user (skipped with the loader's reason where absent).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xdevproto.client import Client
+from xdevproto.guestmem import MemfdRam
+from xdevproto.lvu.loader import unavailable_reason
+from xdevproto.testdev import BAR0_SIZE, BAR2_SIZE, ID_VALUE, TestDevice
+from xdevproto.wire import IrqIndex, PciRegion, RegionFlags, SetIrqsFlags
+
+pytestmark = pytest.mark.lvu
+
+_reason = unavailable_reason()
+if _reason is not None:
+    pytest.skip(f"libvfio-user unavailable: {_reason}", allow_module_level=True)
+
+from xdevproto.lvu.engine import LvuEngine  # noqa: E402  (loads only where present)
+
+BUF = 0x100
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[TestDevice, str]]:
+    device = TestDevice()
+    path = str(tmp_path / "engine.sock")
+    engine = LvuEngine(device, path)
+    thread = threading.Thread(target=engine.serve, daemon=True)
+    thread.start()
+    yield device, path
+    engine.stop()
+    thread.join(10)
+    assert not thread.is_alive(), "engine loop did not stop"
+    engine.close()
+
+
+def test_regions_and_config_come_from_the_device(served: tuple[TestDevice, str]) -> None:
+    device, path = served
+    with Client.connect(path) as c:
+        assert c.region_read(PciRegion.BAR0, 0, 4) == struct.pack("<I", ID_VALUE)
+        c.region_write(PciRegion.BAR0, 4, b"abcd")
+        assert device.regs[4:8] == b"abcd"
+        assert c.region_read(PciRegion.CONFIG, 0, 4) == struct.pack("<HH", 0x1B36, 0x0005)
+        assert c.region_info(PciRegion.BAR0).size == BAR0_SIZE
+        bar2 = c.region_info(PciRegion.BAR2)
+        assert bar2.size == BAR2_SIZE and bar2.flags & RegionFlags.MMAP
+        assert [(a.offset, a.size) for a in bar2.sparse_areas] == [(0, BAR2_SIZE // 2)]
+        assert bar2.fd is not None
+        os.close(bar2.fd)
+
+
+def test_message_dma_from_a_worker_thread_and_an_interrupt(
+        served: tuple[TestDevice, str]) -> None:
+    _, path = served
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    with MemfdRam(0x1000, base=0x40000) as ram, Client.connect(path, guest=ram) as c:
+        c.start_dma_service()
+        c.set_irqs(IrqIndex.INTX, SetIrqsFlags.ACTION_TRIGGER, fds=[efd])
+        c.dma_map(0x40000, 0x1000)  # no fd: DMA_READ/DMA_WRITE messages
+        ram.write(0x40000, b"from guest memory")
+        # DMA_CMD 3: guest -> buffer -> guest from a worker thread, then IRQ 0
+        c.region_write(PciRegion.BAR0, 0x08, struct.pack("<QI", 0x40000, 17))
+        c.region_write(PciRegion.BAR0, 0x14, struct.pack("<I", 3))
+        assert select.select([efd], [], [], 10)[0] == [efd]
+        assert c.region_read(PciRegion.BAR0, 0x18, 4) == b"\0\0\0\0"
+        assert c.region_read(PciRegion.BAR0, BUF, 17) == b"from guest memory"
+        # DMA_CMD 2: buffer -> guest, inside the region write (on the loop thread)
+        c.region_write(PciRegion.BAR0, BUF, b"from the device!!")
+        c.region_write(PciRegion.BAR0, 0x14, struct.pack("<I", 2))
+        assert ram.read(0x40000, 17) == b"from the device!!"
+    os.close(efd)
+
+
+def test_a_second_client_after_the_first_left(served: tuple[TestDevice, str]) -> None:
+    device, path = served
+    for n in range(2):
+        with Client.connect(path) as c:
+            c.region_write(PciRegion.BAR0, 4, bytes([n]) * 4)
+    assert device.regs[4:8] == b"\x01" * 4
