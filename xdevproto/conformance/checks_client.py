@@ -251,6 +251,17 @@ def error_reply(obs: Observation) -> None:
                           f"{obs.exit_status})")
 
 
+@CLIENT("client.completes", "the client finishes its run against a conforming server "
+        "(exit status 0)", "Client/server interactions", SHOULD, "session")
+def completes(obs: Observation) -> None:
+    _commands(obs)
+    if obs.exit_status is None:
+        raise NotApplicable("the client was still running when the connection ended")
+    if obs.exit_status != 0:
+        raise CheckFailed(f"the client exited with status {obs.exit_status} "
+                          f"({obs.ended}); its own output says why")
+
+
 def run_client_checks(obs: Observation, target: str, peer: str | None = None) -> Report:
     from .divergences import divergence
     report = Report("client", target, peer)

@@ -94,6 +94,8 @@ class ExecTarget(Target):
         self.log = Path(self.tmpdir) / "server.log"
         self.starts = 0
         self.fresh = fresh
+        #: seen to exit on its own (after a client left): wait for that after checks
+        self.exits_on_disconnect = False
 
     def describe(self) -> str:
         return f"exec {self.command}"
@@ -129,7 +131,14 @@ class ExecTarget(Target):
             return ""
 
     def ensure_up(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is not None and self.proc.poll() is not None:
+            crash = self._crash_message()
+            self.proc = None
+            if crash:
+                # Died after the last check had ended: blame is uncertain, say so.
+                raise TargetError(f"{crash} (found at the start of this check)")
+            self.exits_on_disconnect = True
+        if self.proc is None:
             self._start()
 
     def exited(self) -> bool:
@@ -142,6 +151,8 @@ class ExecTarget(Target):
     def wait_exit(self, timeout: float) -> bool:
         if self.proc is None:
             return True
+        if timeout <= 0:
+            return self.proc.poll() is not None
         try:
             self.proc.wait(timeout)
             return True
@@ -152,9 +163,16 @@ class ExecTarget(Target):
         if self.proc is None:
             return None
         # Servers that exit on disconnect do so right away; a short wait
-        # keeps the next check from connecting to a dying server.
-        self.wait_exit(0.05)
-        rc = self.proc.poll()
+        # keeps the next check from connecting to a dying server. Servers
+        # that stay up are not waited for.
+        self.wait_exit(0.05 if self.exits_on_disconnect else 0.0)
+        crash = self._crash_message()
+        if crash:
+            self.proc = None
+        return crash
+
+    def _crash_message(self) -> str | None:
+        rc = self.proc.poll() if self.proc is not None else None
         if rc is not None and rc < 0:
             name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
             return f"server crashed (killed by {name}); log: {self.log_tail()}"

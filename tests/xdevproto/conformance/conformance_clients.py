@@ -18,6 +18,29 @@ from xdevproto.wire import Command, HeaderFlags, SetIrqsFlags
 RAM_BASE, RAM_SIZE = 0x10000, 1 << 16
 
 
+class NullFrontend:
+    """The bridge's hypervisor side, doing nothing (no Xen here)."""
+
+    def claim_range(self, mmio: bool, start: int, end: int) -> None: ...
+    def release_range(self, mmio: bool, start: int, end: int) -> None: ...
+    def set_intx(self, sbdf: int, pin: int, level: int) -> None: ...
+    def inject_msi(self, addr: int, data: int) -> None: ...
+
+
+def bridge_client(path: str) -> None:
+    """The bridge's client side: connect a BridgeDevice (learn the device,
+    map guest memory, wire interrupts), forward a BAR read, disconnect."""
+    from bridge.core import BridgeDevice, parse_bdf
+
+    with MemfdRam(RAM_SIZE, base=RAM_BASE) as ram:
+        dev = BridgeDevice(parse_bdf("00:05.0"), path, NullFrontend(), ram,
+                           dma_ranges=[(RAM_BASE, RAM_SIZE)])
+        try:
+            dev.connect()
+        finally:
+            dev.close()
+
+
 def xdev_client(path: str) -> None:
     """What a VMM does at start-up, with xdevproto.client."""
     with MemfdRam(RAM_SIZE, base=RAM_BASE) as ram, Client.connect(path, guest=ram) as c:
@@ -156,4 +179,5 @@ CLIENT_FAULT_FOR = {
     "client.dma-write": "dma-write-error",
     "client.dma-read": "dma-read-zeros",
     "client.error-reply": "gives-up-after-error",
+    "client.completes": "gives-up-after-error",
 }

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from conformance_clients import CLIENT_FAULT_FOR, raw_client, xdev_client
+from conformance_clients import CLIENT_FAULT_FOR, bridge_client, raw_client, xdev_client
 
 from xdevproto.conformance import cli
 from xdevproto.conformance.catalog import client_checks
@@ -26,6 +26,14 @@ def test_xdev_client_passes() -> None:
     outcomes = {r.check.id: r.outcome for r in report.results}
     assert set(outcomes.values()) == {Outcome.PASS}, {
         r.check.id: r.message for r in report.results if r.outcome is not Outcome.PASS}
+    assert report.exit_status == 0
+
+
+def test_bridge_client_side_passes() -> None:
+    report = run_client_checks(observe(thread_launcher(bridge_client), timeout=5), "bridge")
+    bad = {r.check.id: r.message for r in report.results
+           if r.outcome not in (Outcome.PASS, Outcome.NA)}
+    assert bad == {}
     assert report.exit_status == 0
 
 
