@@ -158,7 +158,10 @@ def segment(frame: Buf, ctx: TxContext, ixsm: bool, txsm: bool) -> list[bytearra
                 seg[ctx.tucss + 13] &= ~0x09 & 0xFF  # FIN, PSH
         else:
             struct.pack_into(">H", seg, ctx.tucss + 4, l4_len)
-        if ixsm:
+        if ixsm and ctx.ipcso + 2 <= len(seg):
+            # Drivers zero it (Linux e1000_tso); a stale value would be wrong
+            # for every segment since length and ID changed, so start from 0.
+            struct.pack_into(">H", seg, ctx.ipcso, 0)
             insert_checksum(seg, ctx.ipcss, ctx.ipcso, ctx.ipcse)
         if txsm and ctx.tucso + 2 <= len(seg):
             add_to_field(seg, ctx.tucso, l4_len)
