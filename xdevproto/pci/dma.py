@@ -1,0 +1,354 @@
+"""Guest memory as a device sees it: DMA through the client's mappings.
+
+:class:`GuestMemory` keeps the regions the client gave with DMA_MAP. A
+region with an fd is mmap'ed once and read or written in place (zero-copy
+memoryviews; :meth:`GuestMemory.preadv` / :meth:`GuestMemory.pwritev` move
+file data straight into or out of guest memory). A region without an fd is
+reached through DMA_READ/DMA_WRITE messages on the
+:class:`~xdevproto.device.DeviceContext`, chunked by ``max_data_xfer_size``
+(vfio-user spec, "DMA Read" / "DMA Write").
+
+Every access is checked against the current mappings: it may span adjacent
+regions when all of it is mapped; anything else raises :class:`DmaError`
+(errno EFAULT), which the device turns into its own error status.
+
+Unmap waits for in-flight DMA: accesses hold a use count on the regions they
+touch, and :meth:`GuestMemory.unmap` removes the region from lookup first and
+then waits until its count drops to zero (vfio-user spec, "DMA Unmap": the
+server must not touch the region after it replies).
+
+Dirty-page logging (DMA_LOGGING_START/REPORT) marks pages written through a
+mapped fd; writes sent as DMA_WRITE messages are the client's to track.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from ..device import DeviceContext, DmaRegion
+from ..errors import DeviceError, VfioUserError
+
+T = TypeVar("T")
+A = TypeVar("A")
+
+
+class DmaError(DeviceError):
+    """A DMA address the device may not reach (unmapped, read-only, out of range)."""
+
+    errno = errno.EFAULT
+
+
+@dataclass(eq=False)
+class _Mapped:
+    region: DmaRegion
+    mem: mmap.mmap | None
+    view: memoryview | None
+    users: int = 0
+    gone: bool = False
+    dirty: bytearray | None = None
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def end(self) -> int:
+        return self.region.iova + self.region.size
+
+
+@dataclass(frozen=True, slots=True)
+class SgEntry:
+    """One scatter-gather element: ``length`` bytes at guest address ``addr``."""
+
+    addr: int
+    length: int
+
+
+class GuestMemory:
+    """The device's view of guest memory (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._starts: list[int] = []
+        self._regions: list[_Mapped] = []
+        self.ctx: DeviceContext | None = None
+        self._log_page: int | None = None
+
+    # -- mapping (called from the runtime thread) ----------------------------------------
+    def map(self, region: DmaRegion) -> None:
+        """Take ``region`` (and ownership of its fd) into use."""
+        mem = view = None
+        if region.fd is not None:
+            try:
+                prot = mmap.PROT_READ | (mmap.PROT_WRITE if region.writable else 0)
+                mem = mmap.mmap(region.fd, region.size + region.fd_offset, prot=prot)
+                view = memoryview(mem)[region.fd_offset:region.fd_offset + region.size]
+            except (OSError, ValueError, OverflowError) as exc:
+                raise DmaError(f"cannot map DMA fd: {exc}", errno.EINVAL) from None
+            finally:
+                os.close(region.fd)
+        entry = _Mapped(region, mem, view)
+        with self._lock:
+            i = bisect.bisect(self._starts, region.iova)
+            if self._log_page is not None:
+                entry.dirty = bytearray(_bitmap_len(region.size, self._log_page))
+            self._starts.insert(i, region.iova)
+            self._regions.insert(i, entry)
+
+    def unmap(self, region: DmaRegion) -> None:
+        """Remove ``region``; returns once no access uses it any more."""
+        with self._lock:
+            for i, entry in enumerate(self._regions):
+                if entry.region.iova == region.iova and entry.region.size == region.size:
+                    del self._regions[i]
+                    del self._starts[i]
+                    break
+            else:
+                return
+        with entry.cond:
+            entry.gone = True
+            entry.cond.wait_for(lambda: entry.users == 0)
+        if entry.view is not None:
+            entry.view.release()
+        if entry.mem is not None:
+            entry.mem.close()
+
+    def unmap_all(self) -> None:
+        for entry in list(self._regions):
+            self.unmap(entry.region)
+
+    # -- lookup ----------------------------------------------------------------------------
+    @contextmanager
+    def _pin(self, addr: int, length: int, write: bool) -> Iterator[list[tuple[_Mapped, int, int]]]:
+        """The (region, offset, length) pieces covering [addr, addr+length), in use."""
+        if addr < 0 or length < 0 or addr + length > 1 << 64:
+            raise DmaError(f"DMA address {addr:#x}+{length} out of range")
+        pieces: list[tuple[_Mapped, int, int]] = []
+        with self._lock:
+            i = bisect.bisect(self._starts, addr) - 1
+            pos, end = addr, addr + length
+            while pos < end or not pieces:
+                if i < 0 or i >= len(self._regions):
+                    raise DmaError(f"DMA to unmapped {pos:#x} ({addr:#x}+{length})")
+                entry = self._regions[i]
+                if not entry.region.iova <= pos < entry.end and not (pos == end == entry.end):
+                    raise DmaError(f"DMA to unmapped {pos:#x} ({addr:#x}+{length})")
+                if not (entry.region.writable if write else entry.region.readable):
+                    raise DmaError(f"DMA {'write' if write else 'read'} denied at {pos:#x}")
+                n = min(end, entry.end) - pos
+                pieces.append((entry, pos - entry.region.iova, n))
+                pos += n
+                i += 1
+            for entry, _, _ in pieces:
+                entry.users += 1
+        try:
+            yield pieces
+        finally:
+            for entry, _, _ in pieces:
+                with entry.cond:
+                    entry.users -= 1
+                    if entry.users == 0 and entry.gone:
+                        entry.cond.notify_all()
+
+    def _context(self) -> DeviceContext:
+        if self.ctx is None:
+            raise DmaError("no client attached for message DMA", errno.ENOTCONN)
+        return self.ctx
+
+    # -- accesses ----------------------------------------------------------------------------
+    def read(self, addr: int, length: int) -> bytes:
+        """Copy ``length`` bytes of guest memory at ``addr``."""
+        buf = bytearray(length)
+        self.readinto(addr, buf)
+        return bytes(buf)
+
+    def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
+        """Fill ``buf`` from guest memory at ``addr``."""
+        out = memoryview(buf).cast("B")
+        with self._pin(addr, len(out), False) as pieces:
+            pos = 0
+            for entry, off, n in pieces:
+                if entry.view is not None:
+                    out[pos:pos + n] = entry.view[off:off + n]
+                else:
+                    self._msg_read(entry.region.iova + off, out[pos:pos + n])
+                pos += n
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` into guest memory at ``addr``."""
+        src = memoryview(data).cast("B")
+        with self._pin(addr, len(src), True) as pieces:
+            pos = 0
+            for entry, off, n in pieces:
+                if entry.view is not None:
+                    entry.view[off:off + n] = src[pos:pos + n]
+                    self._mark(entry, off, n)
+                else:
+                    self._msg_write(entry.region.iova + off, src[pos:pos + n])
+                pos += n
+
+    def _msg_read(self, iova: int, out: memoryview) -> None:
+        ctx = self._context()
+        step = max(1, ctx.max_data_xfer_size)
+        for pos in range(0, len(out), step):
+            n = min(step, len(out) - pos)
+            data = _checked(ctx.dma_read, iova + pos, n)
+            if len(data) != n:
+                raise DmaError(f"DMA_READ at {iova + pos:#x} returned {len(data)} of {n} bytes")
+            out[pos:pos + n] = data
+
+    def _msg_write(self, iova: int, src: memoryview) -> None:
+        ctx = self._context()
+        step = max(1, ctx.max_data_xfer_size)
+        for pos in range(0, len(src), step):
+            chunk = src[pos:pos + step]
+            _checked(ctx.dma_write, iova + pos, chunk)
+
+    @contextmanager
+    def view(self, addr: int, length: int, write: bool = False) -> Iterator[memoryview]:
+        """A zero-copy memoryview of guest memory, usable inside the ``with``.
+
+        Only for a range inside one fd-mapped region (DmaError otherwise); a
+        writable view marks its pages dirty.
+        """
+        with self._pin(addr, length, write) as pieces:
+            entry, off, n = pieces[0]
+            if len(pieces) != 1 or entry.view is None:
+                raise DmaError(f"{addr:#x}+{length} is not in one fd-mapped region")
+            v = entry.view[off:off + n]
+            try:
+                yield v
+            finally:
+                v.release()
+                if write:
+                    self._mark(entry, off, n)
+
+    # -- scatter-gather --------------------------------------------------------------------
+    def read_sg(self, sg: Sequence[SgEntry]) -> bytes:
+        """Gather the bytes of every element, in order."""
+        buf = bytearray(sum(e.length for e in sg))
+        pos = 0
+        for e in sg:
+            self.readinto(e.addr, memoryview(buf)[pos:pos + e.length])
+            pos += e.length
+        return bytes(buf)
+
+    def write_sg(self, sg: Sequence[SgEntry], data: bytes | memoryview) -> int:
+        """Scatter ``data`` over the elements; returns the bytes stored."""
+        src = memoryview(data).cast("B")
+        pos = 0
+        for e in sg:
+            if pos >= len(src):
+                break
+            n = min(e.length, len(src) - pos)
+            self.write(e.addr, src[pos:pos + n])
+            pos += n
+        return pos
+
+    def preadv(self, fd: int, sg: Sequence[SgEntry], offset: int) -> int:
+        """Read file ``fd`` at ``offset`` straight into guest memory (disk reads).
+
+        Fd-mapped pieces are filled by one ``os.preadv`` without copying; pieces
+        reachable only by message go through a bounce buffer. Returns the bytes
+        read (short at end of file).
+        """
+        total = 0
+        for e in sg:
+            with self._pin(e.addr, e.length, True) as pieces:
+                for entry, off, n in pieces:
+                    if entry.view is not None:
+                        got = os.preadv(fd, [entry.view[off:off + n]], offset + total)
+                        self._mark(entry, off, got)
+                    else:
+                        data = os.pread(fd, n, offset + total)
+                        got = len(data)
+                        self._msg_write(entry.region.iova + off, memoryview(data))
+                    total += got
+                    if got < n:
+                        return total
+        return total
+
+    def pwritev(self, fd: int, sg: Sequence[SgEntry], offset: int) -> int:
+        """Write guest memory straight to file ``fd`` at ``offset`` (disk writes)."""
+        total = 0
+        for e in sg:
+            with self._pin(e.addr, e.length, False) as pieces:
+                for entry, off, n in pieces:
+                    if entry.view is not None:
+                        done = os.pwritev(fd, [entry.view[off:off + n]], offset + total)
+                    else:
+                        buf = bytearray(n)
+                        self._msg_read(entry.region.iova + off, memoryview(buf))
+                        done = os.pwrite(fd, buf, offset + total)
+                    total += done
+                    if done < n:
+                        return total
+        return total
+
+    # -- dirty-page logging ----------------------------------------------------------------
+    def logging_start(self, page_size: int) -> None:
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise DeviceError(f"page size {page_size} is not a power of two", errno.EINVAL)
+        with self._lock:
+            self._log_page = page_size
+            for entry in self._regions:
+                entry.dirty = bytearray(_bitmap_len(entry.region.size, page_size))
+
+    def logging_stop(self) -> None:
+        with self._lock:
+            self._log_page = None
+            for entry in self._regions:
+                entry.dirty = None
+
+    def _mark(self, entry: _Mapped, off: int, n: int) -> None:
+        bitmap, page = entry.dirty, self._log_page
+        if bitmap is None or page is None or n <= 0:
+            return
+        base = entry.region.iova // page
+        addr = entry.region.iova + off
+        for p in range(addr // page - base, (addr + n - 1) // page - base + 1):
+            bitmap[p >> 3] |= 1 << (p & 7)
+
+    def logging_report(self, iova: int, length: int, page_size: int) -> bytes:
+        """Bitmap (u64 words, bit n = page n from ``iova``), cleared as reported."""
+        if self._log_page is None:
+            raise DeviceError("dirty logging is not on", errno.EINVAL)
+        if page_size != self._log_page:
+            raise DeviceError(f"page size {page_size} differs from logging's "
+                              f"{self._log_page}", errno.EINVAL)
+        if length <= 0 or iova % page_size:
+            raise DeviceError("report range not page-aligned", errno.EINVAL)
+        pages = -(-length // page_size)
+        out = bytearray(-(-pages // 64) * 8)
+        with self._lock:
+            for entry in self._regions:
+                if entry.dirty is None or entry.end <= iova or entry.region.iova >= iova + length:
+                    continue
+                base = entry.region.iova // page_size
+                for p in range(len(entry.dirty) * 8):
+                    if entry.dirty[p >> 3] >> (p & 7) & 1:
+                        n = base + p - iova // page_size
+                        if 0 <= n < pages:
+                            out[n >> 3] |= 1 << (n & 7)
+                            entry.dirty[p >> 3] &= ~(1 << (p & 7)) & 0xFF
+        return bytes(out)
+
+
+def _bitmap_len(size: int, page: int) -> int:
+    pages = -(-size // page) + 1  # +1: a region need not start on a page boundary
+    return -(-pages // 8)
+
+
+def _checked(fn: Callable[[int, A], T], addr: int, arg: A) -> T:
+    """Turn a failed message DMA into a DmaError the device can report."""
+    try:
+        return fn(addr, arg)
+    except DmaError:
+        raise
+    except VfioUserError as exc:
+        raise DmaError(f"message DMA failed: {exc}", exc.errno or errno.EFAULT) from None
