@@ -138,7 +138,8 @@ class RegisterLayout:
                         raise ValueError(f"{name}: {label} overlaps {self.slots[owner[b]].name}")
                     owner[b] = number
                 self.slots.append(Slot(number, reg, i, off, reg.width, label,
-                                       reg.writable_mask(), (1 << (8 * reg.width)) - 1))
+                                       reg.writable_mask() & ~reg.w1c,
+                                       (1 << (8 * reg.width)) - 1))
         self.owner = owner
         #: (offset << 4 | width) -> slot number for whole-register accesses
         self.exact: dict[int, int] = {s.offset << 4 | s.width: s.number for s in self.slots}

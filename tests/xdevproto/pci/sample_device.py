@@ -98,10 +98,13 @@ class SampleDevice(PciDevice):
 
     # -- the I/O BAR ---------------------------------------------------------------------
     def bar_read(self, index: int, offset: int, count: int) -> bytes:
+        if index != 1:
+            return bytes(count)  # BAR2 outside the MSI-X table and PBA
         return bytes(self.io[offset:offset + count])
 
     def bar_write(self, index: int, offset: int, data: bytes) -> None:
-        self.io[offset:offset + len(data)] = data
+        if index == 1:
+            self.io[offset:offset + len(data)] = data
 
     # -- state outside the register files ---------------------------------------------------
     def device_reset(self) -> None:

@@ -1,0 +1,233 @@
+"""Register files: every access kind, width, alignment, arrays, hooks, tracing."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from xdevproto.errors import DeviceError
+from xdevproto.pci.regs import Access, Reg, RegisterFile, RegisterLayout
+
+
+class Owner:
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, int, int, int]] = []
+        self.counter = 0
+
+    def on_w(self, index: int, value: int, old: int) -> None:
+        self.writes.append(("w", index, value, old))
+
+    def on_r(self, index: int, value: int) -> int:
+        self.counter += 1
+        return value + self.counter
+
+
+LAYOUT = RegisterLayout("t", 0x100, [
+    Reg(0x00, "RO", Access.RO, reset=0x11223344),
+    Reg(0x04, "RW", reset=0xAABBCCDD, mask=0x0000FFFF, on_write="on_w"),
+    Reg(0x08, "W1C", Access.RW1C, reset=0xFF, mask=0x0F),
+    Reg(0x0C, "W1S", Access.RW1S, reset=0x01, on_write="on_w"),
+    Reg(0x10, "RC", Access.RC, reset=0x55),
+    Reg(0x14, "WO", Access.WO, on_write="on_w"),
+    Reg(0x18, "RSVD", Access.RSVD, reset=0x77),
+    Reg(0x1C, "HOOKED", Access.RO, reset=0x10, on_read="on_r"),
+    Reg(0x20, "Q", width=8, reset=0x0102030405060708),
+    Reg(0x28, "B", width=1, reset=0x5A),
+    Reg(0x2A, "H", width=2, reset=0xBEEF),
+    Reg(0x2C, "MIX", reset=0xF0, mask=0xFF, w1c=0xF0),
+    Reg(0x30, "STRICT", partial=False),
+    Reg(0x40, "ARR", count=4, stride=8, on_write="on_w"),
+    Reg(0x44, "ARRH", width=2, count=4, stride=8),
+])
+
+
+@pytest.fixture
+def rf() -> tuple[RegisterFile, Owner]:
+    owner = Owner()
+    return RegisterFile(LAYOUT, owner), owner
+
+
+def rd(f: RegisterFile, off: int, n: int = 4) -> int:
+    return int.from_bytes(f.read(off, n), "little")
+
+
+def wr(f: RegisterFile, off: int, value: int, n: int = 4) -> None:
+    f.write(off, value.to_bytes(n, "little"))
+
+
+def test_reset_values_read_back(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    assert rd(f, 0x00) == 0x11223344
+    assert rd(f, 0x20, 8) == 0x0102030405060708
+    assert rd(f, 0x28, 1) == 0x5A
+    assert rd(f, 0x2A, 2) == 0xBEEF
+
+
+def test_ro_ignores_writes(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    wr(f, 0x00, 0)
+    assert rd(f, 0x00) == 0x11223344
+
+
+def test_rw_honours_mask_and_calls_hook(rf: tuple[RegisterFile, Owner]) -> None:
+    f, owner = rf
+    wr(f, 0x04, 0x12345678)
+    assert rd(f, 0x04) == 0xAABB5678
+    assert owner.writes == [("w", 0, 0x12345678, 0xAABBCCDD)]
+
+
+def test_rw1c_clears_only_written_ones_under_mask(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    wr(f, 0x08, 0xF3)
+    assert rd(f, 0x08) == 0xFC  # bits 0,1 cleared; 4-7 outside the mask stay
+
+
+def test_rw1s_sets_and_zero_does_nothing(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    wr(f, 0x0C, 0x6)
+    wr(f, 0x0C, 0x0)
+    assert rd(f, 0x0C) == 0x7
+
+
+def test_rc_clears_on_read(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    assert rd(f, 0x10) == 0x55
+    assert rd(f, 0x10) == 0
+    wr(f, 0x10, 0x99)
+    assert rd(f, 0x10) == 0
+
+
+def test_wo_reads_zero_but_hook_sees_value(rf: tuple[RegisterFile, Owner]) -> None:
+    f, owner = rf
+    wr(f, 0x14, 0xCAFE)
+    assert rd(f, 0x14) == 0
+    assert owner.writes[-1] == ("w", 0, 0xCAFE, 0)
+    assert f["WO"] == 0xCAFE
+
+
+def test_reserved_reads_zero_and_ignores_writes(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    wr(f, 0x18, 0xFFFFFFFF)
+    assert rd(f, 0x18) == 0
+
+
+def test_read_hook(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    assert rd(f, 0x1C) == 0x11
+    assert rd(f, 0x1C) == 0x12
+
+
+def test_mixed_rw_and_w1c(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    wr(f, 0x2C, 0x1A)  # RW low nibble becomes 0xA; 0x10 clears bit 4
+    assert rd(f, 0x2C) == 0xEA
+
+
+def test_partial_writes_merge_per_kind(rf: tuple[RegisterFile, Owner]) -> None:
+    f, owner = rf
+    wr(f, 0x05, 0x12, 1)  # byte 1 of RW
+    assert rd(f, 0x04) == 0xAABB12DD
+    assert owner.writes[-1] == ("w", 0, 0xAABB12DD, 0xAABBCCDD)
+    wr(f, 0x08, 0x01, 1)  # RW1C: other bytes count as 0
+    assert rd(f, 0x08) == 0xFE
+    wr(f, 0x22, 0xFFFF, 2)  # middle of a qword
+    assert rd(f, 0x20, 8) == 0x01020304FFFF0708
+
+
+def test_partial_write_ignored_when_declared(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    wr(f, 0x30, 0xFF, 1)
+    assert rd(f, 0x30) == 0
+    wr(f, 0x30, 0x12345678)
+    assert rd(f, 0x30) == 0x12345678
+
+
+def test_unaligned_access_spans_registers(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    # bytes 2..5: top half of RO, bottom half of RW
+    assert f.read(0x02, 4) == bytes.fromhex("2211ddcc")
+    wr(f, 0x02, 0x5566_7788)  # RO half ignored, RW low half written
+    assert rd(f, 0x00) == 0x11223344
+    assert rd(f, 0x04) == 0xAABB5566
+
+
+def test_qword_access_over_two_dword_registers(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    assert rd(f, 0x00, 8) == 0xAABBCCDD_11223344
+
+
+def test_undeclared_bytes(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    wr(f, 0x80, 0xFFFFFFFF)
+    assert rd(f, 0x80) == 0
+    assert f.read(0x29, 1) == b"\0"  # hole between B and H
+
+
+def test_arrays(rf: tuple[RegisterFile, Owner]) -> None:
+    f, owner = rf
+    wr(f, 0x40 + 2 * 8, 0xDEAD)
+    wr(f, 0x44 + 3 * 8, 0xBEEF, 2)
+    assert f["ARR", 2] == 0xDEAD
+    assert f["ARRH", 3] == 0xBEEF
+    assert owner.writes[-1] == ("w", 2, 0xDEAD, 0)
+    assert LAYOUT.slots[LAYOUT.slot("ARR", 2)].name == "ARR[2]"
+    with pytest.raises(IndexError):
+        LAYOUT.slot("ARR", 4)
+
+
+def test_reset_restores_declared_values(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    wr(f, 0x04, 0)
+    f["ARR", 1] = 5
+    f.reset()
+    assert rd(f, 0x04) == 0xAABBCCDD
+    assert f["ARR", 1] == 0
+
+
+def test_out_of_range_access_is_a_device_error(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    with pytest.raises(DeviceError):
+        f.read(0xFE, 4)
+    with pytest.raises(DeviceError):
+        f.write(0x100, b"\0")
+
+
+def test_trace_names_the_register(rf: tuple[RegisterFile, Owner],
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    f, _ = rf
+    with caplog.at_level(logging.DEBUG, logger="xdevproto.pci.regs"):
+        wr(f, 0x48, 7)
+        rd(f, 0x04)
+    text = caplog.text
+    assert "write ARR[1] = 0x7" in text
+    assert "read RW = 0xaabbccdd" in text
+
+
+def test_load_validates_values(rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    saved = f.save()
+    with pytest.raises(DeviceError):
+        f.load(saved[:-1])
+    bad = list(saved)
+    bad[LAYOUT.slot("B")] = 0x100  # wider than the 1-byte register
+    with pytest.raises(DeviceError):
+        f.load(bad)
+    f.load(saved)
+
+
+@pytest.mark.parametrize("regs", [
+    [Reg(0, "A"), Reg(2, "B")],                     # overlap
+    [Reg(0, "A"), Reg(4, "A")],                     # same name
+    [Reg(0xFE, "A")],                               # beyond the size
+    [Reg(0, "A", width=3)],                         # width
+])
+def test_bad_layouts_fail_at_declaration(regs: list[Reg]) -> None:
+    with pytest.raises(ValueError):
+        RegisterLayout("bad", 0x100, regs)
+
+
+def test_missing_hook_fails_at_binding() -> None:
+    layout = RegisterLayout("h", 0x10, [Reg(0, "A", on_write="nope")])
+    with pytest.raises(TypeError):
+        RegisterFile(layout, Owner())
