@@ -81,7 +81,13 @@ class GuestMemory:
                     return
 
     def _find(self, addr: int, length: int, write: bool) -> tuple[DmaRegion, mmap.mmap | None]:
-        for region, mem in self.maps:
+        maps = self.maps
+        if len(maps) == 1:  # the usual case: all guest RAM in one region
+            region, mem = maps[0]
+            if (region.iova <= addr and addr + length <= region.iova + region.size
+                    and (region.writable if write else region.readable)):
+                return region, mem
+        for region, mem in maps:
             if region.iova <= addr and addr + length <= region.iova + region.size:
                 if (write and not region.writable) or (not write and not region.readable):
                     break

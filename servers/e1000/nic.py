@@ -20,7 +20,7 @@ from typing import Protocol
 
 from . import regs as R
 from .eeprom import Eeprom, Phy, eeprom_image, mdic_access
-from .packet import RxFilter
+from .packet import BROADCAST, RxFilter, size_bucket
 from .regs import REGISTERS, STAT_PAIRS, STATS, Access
 from .rx import Receiver
 from .timers import Timers
@@ -32,6 +32,8 @@ BAR0_SIZE = 0x20000
 IO_SIZE = 0x40
 ITR_UNIT = 256e-9  # ITR counts 256 ns (SDM 13.4.18)
 DELAY_UNIT = 1.024e-6  # RDTR/RADV/TIDV/TADV count 1.024 us (SDM 13.4.30)
+_RX_COUNTERS = ("GPRC", "TPR", "GORCL", "TORL", "BPRC", "MPRC", "PRC")
+_TX_COUNTERS = ("GPTC", "TPT", "GOTCL", "TOTL", "BPTC", "MPTC", "PTC")
 
 
 class Dma(Protocol):
@@ -316,6 +318,19 @@ class E1000:
         lo, hi = STATS[low], STATS[low[:-1] + "H"]
         total = min((self.regs[hi] << 32 | self.regs[lo]) + n, (1 << 64) - 1)
         self.regs[lo], self.regs[hi] = total & 0xFFFFFFFF, total >> 32
+
+    def count_frame(self, rx: bool, frame: bytes) -> None:
+        """The per-frame counters of one direction: good/total packets and
+        octets (with FCS), broadcast/multicast, size bucket (SDM 13.7)."""
+        size = len(frame) + 4
+        names = _RX_COUNTERS if rx else _TX_COUNTERS
+        for name in names[:2]:
+            self.count(name)
+        for name in names[2:4]:
+            self.count64(name, size)
+        if frame[0] & 1:
+            self.count(names[4] if frame[:6] == BROADCAST else names[5])
+        self.count(size_bucket(names[6], size))
 
     def read_stat_pair(self, off: int) -> int:
         """Reading the high half of a 64-bit counter clears both halves."""

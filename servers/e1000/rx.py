@@ -77,7 +77,7 @@ class Receiver:
             nic.count("RNBC")
             nic.raise_cause(R.ICR_RXO)
             return False
-        self._count(frame)
+        nic.count_frame(True, frame)
         nic.delayed_cause(R.ICR_RXT0, "rdtr", "radv", regs[R.RDTR], regs[R.RADV])
         return True
 
@@ -139,16 +139,3 @@ class Receiver:
             return
         if (tail - head) % n <= n >> (rdmts + 1):
             self.nic.raise_cause(R.ICR_RXDMT0)
-
-    def _count(self, frame: bytes) -> None:
-        nic = self.nic
-        size = len(frame) + 4
-        nic.count("GPRC")
-        nic.count("TPR")
-        nic.count64("GORCL", size)
-        nic.count64("TORL", size)
-        if frame[:6] == packet.BROADCAST:
-            nic.count("BPRC")
-        elif frame[0] & 1:
-            nic.count("MPRC")
-        nic.count(packet.size_bucket("PRC", size))

@@ -195,16 +195,7 @@ class Transmitter:
         if cmd & CMD_VLE and nic.regs[R.CTRL] & R.CTRL_VME:
             frame = packet.insert_vlan(frame, nic.regs[R.VET], special)
         out = bytes(packet.pad(frame)) if nic.regs[R.TCTL] & R.TCTL_PSP else bytes(frame)
-        size = len(out) + 4  # the counters include the FCS
-        nic.count("GPTC")
-        nic.count("TPT")
-        nic.count64("GOTCL", size)
-        nic.count64("TOTL", size)
-        if out[:6] == packet.BROADCAST:
-            nic.count("BPTC")
-        elif out[0] & 1:
-            nic.count("MPTC")
-        nic.count(packet.size_bucket("PTC", size))
+        nic.count_frame(False, out)
         if nic.regs[R.RCTL] & R.RCTL_LBM_MAC == R.RCTL_LBM_MAC or nic.phy.loopback:
             if len(self.loopback) < MAX_LOOPBACK:
                 self.loopback.append(out)
