@@ -24,14 +24,14 @@ set -e
 xl info > xl-info.txt
 python3 -c 'import bridge.emuhost, construct, cffi, pyxs; print("imports ok")' > imports.txt
 started=$(cut -d' ' -f1 /proc/uptime)
-xdev_guest_run probe XDEV-GUEST-DONE 300
+xdev_guest_run probe XDEV-GUEST-DONE 400
 echo "$started $(cut -d' ' -f1 /proc/uptime)" > guest-uptimes.txt
 """
 
 
 def test_hvm_guest_marker_comes_back_through_the_share(emuhost_session: HostSession) -> None:
     result = emuhost_session.run(
-        GUEST_SCRIPT, guests=[HvmGuest(name="probe", init_script=PROBE_INIT)], timeout=400
+        GUEST_SCRIPT, guests=[HvmGuest(name="probe", init_script=PROBE_INIT)], timeout=450
     )
     assert result.ok, result.describe()
 
@@ -48,6 +48,32 @@ def test_hvm_guest_marker_comes_back_through_the_share(emuhost_session: HostSess
     ready = float((emuhost_session.directory / "dom0-ready-uptime").read_text())
     print(f"\nemuhost timings: dom0 ready at {ready:.0f} s uptime, "
           f"guest create-to-marker-and-destroy {end - start:.0f} s")
+
+
+DRIVER_INIT = """
+echo "bound: $(ls /sys/bus/pci/drivers/ahci /sys/bus/pci/drivers/e1000 | grep -c '^0000:')"
+ls /sys/block
+echo DRIVERS-DONE
+"""
+
+
+def test_guest_modules_drive_qemus_own_ahci_and_e1000(emuhost_session: HostSession) -> None:
+    """Module loading in the guest initramfs, against the baseline devices."""
+    guest = HvmGuest(
+        name="drivers",
+        init_script=DRIVER_INIT,
+        modules=("ahci", "sd_mod", "e1000"),
+        disks=("/tmp/drivers-disk.img,raw,hda,rw",),
+        extra=(("hdtype", '"ahci"'),),
+        device_model_args=("-device", "e1000,addr=6"),
+    )
+    script = '. "$XDEV_LIB"; truncate -s 16M /tmp/drivers-disk.img; '
+    script += "xdev_guest_run drivers DRIVERS-DONE 400"
+    result = emuhost_session.run(script, guests=[guest], timeout=450)
+    assert result.ok, result.describe()
+    serial = result.guest_serial("drivers")
+    assert "bound: 2" in serial, serial[-2000:]
+    assert "sda" in serial.split()
 
 
 def test_failing_script_reports_its_status(emuhost_session: HostSession) -> None:
