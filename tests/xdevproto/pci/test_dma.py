@@ -1,0 +1,249 @@
+"""Guest memory: memfd-backed regions, message DMA through a fake context,
+bounds, partial and unmapped cases, unmap while busy, dirty logging."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from xdevproto.device import DeviceContext, DmaRegion
+from xdevproto.errors import DeviceError, RemoteError
+from xdevproto.guestmem import MemfdRam
+from xdevproto.pci.dma import DmaError, GuestMemory, SgEntry
+
+PAGE = 4096
+
+
+class FakeContext(DeviceContext):
+    """Message DMA served from a bytearray; records every message."""
+
+    def __init__(self, base: int, size: int, xfer: int = 1000) -> None:
+        self.base = base
+        self.mem = bytearray(size)
+        self.xfer = xfer
+        self.messages: list[tuple[str, int, int]] = []
+        self.fail = False
+
+    def dma_read(self, iova: int, length: int) -> bytes:
+        self.messages.append(("read", iova, length))
+        if self.fail:
+            raise RemoteError(13, errno.EFAULT)
+        assert length <= self.xfer
+        return bytes(self.mem[iova - self.base:iova - self.base + length])
+
+    def dma_write(self, iova: int, data: bytes | memoryview) -> None:
+        self.messages.append(("write", iova, len(data)))
+        assert len(data) <= self.xfer
+        self.mem[iova - self.base:iova - self.base + len(data)] = data
+
+    @property
+    def max_data_xfer_size(self) -> int:
+        return self.xfer
+
+
+def memfd_region(ram: MemfdRam, iova: int, size: int, offset: int = 0,
+                 writable: bool = True) -> DmaRegion:
+    return DmaRegion(iova, size, True, writable, os.dup(ram.fd), offset)
+
+
+@pytest.fixture
+def ram() -> Iterator[MemfdRam]:
+    with MemfdRam(16 * PAGE) as r:
+        yield r
+
+
+@pytest.fixture
+def gm() -> Iterator[GuestMemory]:
+    g = GuestMemory()
+    yield g
+    g.unmap_all()
+
+
+def test_fd_region_reads_and_writes_in_place(ram: MemfdRam, gm: GuestMemory) -> None:
+    gm.map(memfd_region(ram, 0x10000, 4 * PAGE, offset=PAGE))
+    gm.write(0x10010, b"hello")
+    assert bytes(ram.view[PAGE + 0x10:PAGE + 0x15]) == b"hello"
+    ram.view[PAGE + 0x100:PAGE + 0x104] = b"abcd"
+    assert gm.read(0x10100, 4) == b"abcd"
+    buf = bytearray(4)
+    gm.readinto(0x10100, buf)
+    assert buf == b"abcd"
+
+
+def test_zero_copy_view(ram: MemfdRam, gm: GuestMemory) -> None:
+    gm.map(memfd_region(ram, 0, 2 * PAGE))
+    with gm.view(0x20, 4, write=True) as v:
+        v[:] = b"WXYZ"
+    assert bytes(ram.view[0x20:0x24]) == b"WXYZ"
+
+
+def test_access_across_adjacent_regions(ram: MemfdRam, gm: GuestMemory) -> None:
+    gm.map(memfd_region(ram, 0, PAGE, offset=0))
+    gm.map(memfd_region(ram, PAGE, PAGE, offset=8 * PAGE))
+    gm.write(PAGE - 2, b"ABCD")
+    assert bytes(ram.view[PAGE - 2:PAGE]) == b"AB"
+    assert bytes(ram.view[8 * PAGE:8 * PAGE + 2]) == b"CD"
+    assert gm.read(PAGE - 2, 4) == b"ABCD"
+
+
+@pytest.mark.parametrize("addr,length", [
+    (2 * PAGE, 4),           # unmapped
+    (PAGE - 2, 4),           # partially mapped: runs off the end
+    (-4, 8),                 # negative
+    ((1 << 64) - 2, 4),      # wraps the address space
+])
+def test_out_of_range_is_dma_error(ram: MemfdRam, gm: GuestMemory, addr: int,
+                                   length: int) -> None:
+    gm.map(memfd_region(ram, 0, PAGE))
+    with pytest.raises(DmaError) as exc:
+        gm.read(addr, length)
+    assert exc.value.errno == errno.EFAULT
+    with pytest.raises(DmaError):
+        gm.write(addr, bytes(length))
+
+
+def test_hole_between_regions_is_an_error(ram: MemfdRam, gm: GuestMemory) -> None:
+    gm.map(memfd_region(ram, 0, PAGE))
+    gm.map(memfd_region(ram, 2 * PAGE, PAGE, offset=2 * PAGE))
+    with pytest.raises(DmaError):
+        gm.read(PAGE - 4, PAGE + 8)
+
+
+def test_read_only_region_refuses_writes(ram: MemfdRam, gm: GuestMemory) -> None:
+    gm.map(memfd_region(ram, 0, PAGE, writable=False))
+    assert gm.read(0, 4) == bytes(4)
+    with pytest.raises(DmaError):
+        gm.write(0, b"x")
+
+
+def test_message_dma_is_chunked(gm: GuestMemory) -> None:
+    ctx = FakeContext(0x8000, 2 * PAGE, xfer=1000)
+    gm.ctx = ctx
+    gm.map(DmaRegion(0x8000, 2 * PAGE, True, True))
+    data = bytes(range(256)) * 10
+    gm.write(0x8010, data)
+    assert bytes(ctx.mem[0x10:0x10 + len(data)]) == data
+    assert [m[2] for m in ctx.messages] == [1000, 1000, 560]
+    ctx.messages.clear()
+    assert gm.read(0x8010, len(data)) == data
+    assert [(m[1], m[2]) for m in ctx.messages] == [(0x8010, 1000), (0x8010 + 1000, 1000),
+                                                   (0x8010 + 2000, 560)]
+
+
+def test_mixed_fd_and_message_regions(ram: MemfdRam, gm: GuestMemory) -> None:
+    ctx = FakeContext(PAGE, PAGE)
+    gm.ctx = ctx
+    gm.map(memfd_region(ram, 0, PAGE))
+    gm.map(DmaRegion(PAGE, PAGE, True, True))
+    gm.write(PAGE - 3, b"123456")
+    assert bytes(ram.view[PAGE - 3:PAGE]) == b"123"
+    assert bytes(ctx.mem[:3]) == b"456"
+
+
+def test_message_dma_failure_becomes_dma_error(gm: GuestMemory) -> None:
+    ctx = FakeContext(0, PAGE)
+    ctx.fail = True
+    gm.ctx = ctx
+    gm.map(DmaRegion(0, PAGE, True, True))
+    with pytest.raises(DmaError):
+        gm.read(0, 4)
+
+
+def test_message_dma_without_client(gm: GuestMemory) -> None:
+    gm.map(DmaRegion(0, PAGE, True, True))
+    with pytest.raises(DmaError):
+        gm.read(0, 4)
+
+
+def test_scatter_gather(ram: MemfdRam, gm: GuestMemory) -> None:
+    gm.map(memfd_region(ram, 0, 4 * PAGE))
+    sg = [SgEntry(0x100, 3), SgEntry(0x2000, 5)]
+    assert gm.write_sg(sg, b"abcdefgh") == 8
+    assert gm.read_sg(sg) == b"abcdefgh"
+    assert bytes(ram.view[0x2000:0x2005]) == b"defgh"
+
+
+def test_preadv_pwritev_straight_into_guest_memory(ram: MemfdRam, gm: GuestMemory) -> None:
+    ctx = FakeContext(8 * PAGE, PAGE)
+    gm.ctx = ctx
+    gm.map(memfd_region(ram, 0, 4 * PAGE))
+    gm.map(DmaRegion(8 * PAGE, PAGE, True, True))
+    with tempfile.TemporaryFile() as f:
+        payload = os.urandom(3 * 512)
+        os.pwrite(f.fileno(), payload, 512)
+        sg = [SgEntry(0x200, 512), SgEntry(8 * PAGE, 512), SgEntry(0x1000, 512)]
+        assert gm.preadv(f.fileno(), sg, 512) == 3 * 512
+        assert bytes(ram.view[0x200:0x400]) == payload[:512]
+        assert bytes(ctx.mem[:512]) == payload[512:1024]
+        assert bytes(ram.view[0x1000:0x1200]) == payload[1024:]
+        assert gm.pwritev(f.fileno(), sg, 4096) == 3 * 512
+        assert os.pread(f.fileno(), 3 * 512, 4096) == payload
+        # past end of file: short count
+        assert gm.preadv(f.fileno(), [SgEntry(0, 1024)], 4096 + 3 * 512 - 100) == 100
+
+
+def test_unmap_waits_for_in_flight_dma(ram: MemfdRam, gm: GuestMemory) -> None:
+    region = memfd_region(ram, 0, PAGE)
+    gm.map(region)
+    inside = threading.Event()
+    release = threading.Event()
+    unmapped = threading.Event()
+
+    def busy() -> None:
+        with gm.view(0, 16, write=True) as v:
+            inside.set()
+            release.wait(5)
+            v[:4] = b"late"  # still valid: unmap has not returned
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    assert inside.wait(5)
+    unmapper = threading.Thread(target=lambda: (gm.unmap(region), unmapped.set()))
+    unmapper.start()
+    assert not unmapped.wait(0.05)  # unmap must not return while the view is in use
+    with pytest.raises(DmaError):  # new accesses are refused at once
+        gm.read(0, 4)
+    release.set()
+    worker.join(5)
+    unmapper.join(5)
+    assert unmapped.is_set()
+    assert bytes(ram.view[:4]) == b"late"
+
+
+def test_dirty_logging(ram: MemfdRam, gm: GuestMemory) -> None:
+    gm.map(memfd_region(ram, 0x100000, 8 * PAGE))
+    gm.logging_start(PAGE)
+    gm.write(0x100000 + 10, b"x")
+    gm.write(0x100000 + 3 * PAGE - 1, b"yz")  # pages 2 and 3
+    bitmap = gm.logging_report(0x100000, 8 * PAGE, PAGE)
+    assert int.from_bytes(bitmap, "little") == 0b1101
+    assert int.from_bytes(gm.logging_report(0x100000, 8 * PAGE, PAGE), "little") == 0
+    gm.write(0x100000 + 5 * PAGE, b"q")
+    # a report of a sub-range: bit 0 = first page of the range
+    assert int.from_bytes(gm.logging_report(0x100000 + 4 * PAGE, 2 * PAGE, PAGE),
+                          "little") == 0b10
+    gm.logging_stop()
+    with pytest.raises(DeviceError):
+        gm.logging_report(0x100000, PAGE, PAGE)
+
+
+def test_message_dma_is_not_logged(gm: GuestMemory) -> None:
+    gm.ctx = FakeContext(0, PAGE)
+    gm.map(DmaRegion(0, PAGE, True, True))
+    gm.logging_start(PAGE)
+    gm.write(0, b"abc")
+    assert gm.logging_report(0, PAGE, PAGE) == bytes(8)
+
+
+def test_bad_fd_is_refused(gm: GuestMemory) -> None:
+    r, w = os.pipe()
+    os.close(w)
+    with pytest.raises(DmaError):
+        gm.map(DmaRegion(0, PAGE, True, True, r))
+    with pytest.raises(OSError):
+        os.close(r)  # ownership passed and the fd was closed
