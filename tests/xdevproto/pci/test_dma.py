@@ -203,7 +203,11 @@ def test_unmap_waits_for_in_flight_dma(ram: MemfdRam, gm: GuestMemory) -> None:
     worker = threading.Thread(target=busy)
     worker.start()
     assert inside.wait(5)
-    unmapper = threading.Thread(target=lambda: (gm.unmap(region), unmapped.set()))
+    def unmap() -> None:
+        gm.unmap(region)
+        unmapped.set()
+
+    unmapper = threading.Thread(target=unmap)
     unmapper.start()
     assert not unmapped.wait(0.05)  # unmap must not return while the view is in use
     with pytest.raises(DmaError):  # new accesses are refused at once
