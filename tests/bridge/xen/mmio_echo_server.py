@@ -17,10 +17,12 @@ import logging
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
 from bridge.xen.abi import size_mask
+from bridge.xen.errors import XenError
 from bridge.xen.guestmem import GuestMemory
 from bridge.xen.ioreq_server import IoreqServer
 from bridge.xen.libs import XenLibs
@@ -64,6 +66,17 @@ class EchoRegisters:
         pass
 
 
+def wait_for_domain(store: XenStore, name: str, seconds: float) -> int:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return store.resolve_domain(name)
+        except XenError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--domain", required=True)
@@ -71,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--user", default=None)
+    parser.add_argument("--started", type=Path, default=None,
+                        help="touched once Python is up, before waiting for the domain")
+    parser.add_argument("--wait", type=float, default=0.0,
+                        help="seconds to wait for the domain to appear")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     report: dict[str, object] = {"gone": False}
@@ -80,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         xs = connect()
         store = XenStore(xs)
-        domid = store.resolve_domain(args.domain)
-        report["vcpus_xenstore"] = store.vcpu_count(domid)
-        xen = XenLibs()
+        xen = XenLibs()  # load the libraries before the guest boots (see test_xen_real.py)
+        if args.started:
+            args.started.write_text("started\n")
+        domid = wait_for_domain(store, args.domain, args.wait)
+        report["vcpus_dm"] = xen.nr_vcpus(domid)
         regs = EchoRegisters(args.base)
         server = IoreqServer(xen, domid, regs, memory=GuestMemory(xen, domid))
         server.start()

@@ -1,7 +1,7 @@
 """The ioreq server against a real Xen (the emulated host): an HVM guest reads our MMIO.
 
-dom0 creates an HVM guest and starts ``mmio_echo_server.py`` (the real
-cffi bindings, resource-mapped ioreq pages, xenstore, privilege drop).  The
+dom0 starts ``mmio_echo_server.py``, then creates an HVM guest; the server (the real
+cffi bindings, resource-mapped ioreq pages, xenstore, privilege drop) serves it.  The
 guest polls with ``devmem`` until the page answers (until the claim, its
 reads go to QEMU and return all-ones), reads and writes it, and prints the
 values.  Destroying the guest must make the server tear down by itself
@@ -40,26 +40,29 @@ echo XDEV-MMIO-DONE
 
 DOM0_SCRIPT = f"""
 . "$XDEV_LIB"
-# Not "xl create -p" + "xl unpause": that unpause was seen to hang here.  The
-# guest polls until the page answers instead.
-xdev_guest_start mmio || exit 3
-# Python has been seen to die in interpreter start-up under TCG now and then;
-# a start that dies before it is ready is retried (twice at most), and every
-# attempt's log is kept.
+# Process states every 30 s, to see where a stuck run waits.
+(n=0; while [ $n -lt 40 ]; do sleep 30; n=$((n+1));
+  ps -eo pid,ppid,stat,wchan:32,etime,args > "$XDEV_RUN/ps.$n" 2>&1; done) &
+watchdog=$!
+# Python is started (all imports done) before the guest exists: in this
+# emulated host, processes that start while an HVM guest boots have been seen
+# to die with corrupted byte code ("unknown opcode"); "xl create -p" followed
+# by "xl unpause" was seen to hang.  A start that dies anyway is retried.
 for attempt in 1 2 3; do
     python3 /xdev/repo/tests/bridge/xen/mmio_echo_server.py --domain mmio --base {BASE:#x} \
+        --started "$XDEV_RUN/started" --wait 600 \
         --ready "$XDEV_RUN/ready-server" --report "$XDEV_RUN/report.json" --user nobody \
         2> "$XDEV_RUN/server.log.$attempt" &
     server=$!
     for i in $(seq 180); do
-        [ -e "$XDEV_RUN/ready-server" ] && break
+        [ -e "$XDEV_RUN/started" ] && break
         kill -0 $server 2>/dev/null || break
         sleep 1
     done
-    [ -e "$XDEV_RUN/ready-server" ] && break
+    [ -e "$XDEV_RUN/started" ] && break
     echo "attempt $attempt failed" >> "$XDEV_RUN/status"
 done
-cat "$XDEV_RUN"/server.log.* > "$XDEV_RUN/server.log"
+xdev_guest_start mmio || exit 3
 xdev_guest_wait mmio XDEV-MMIO-DONE 900
 echo "wait=$?" >> "$XDEV_RUN/status"
 xl destroy mmio
@@ -68,6 +71,7 @@ if kill -0 $server 2>/dev/null; then echo alive >> "$XDEV_RUN/status"; kill $ser
 wait $server
 echo "server=$?" >> "$XDEV_RUN/status"
 cat "$XDEV_RUN"/server.log.* > "$XDEV_RUN/server.log"
+kill $watchdog
 """
 
 
