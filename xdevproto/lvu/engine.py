@@ -255,14 +255,21 @@ class LvuEngine:
         self._fail_jobs()
 
     def _step(self) -> None:
-        try:
-            if not self._attached:
+        if not self._attached:
+            try:
+                # accepts and reads VERSION (blocking: a silent client stalls us,
+                # as it stalls libvfio-user's own samples)
                 self.ctx.attach()
-                self._attached = True
-                self.device.attach(_Context(self))
-                self._give_irq_fds()
-            else:
-                self.ctx.run()
+            except OSError as exc:
+                if exc.errno != errno.EAGAIN:  # the library closed the bad client
+                    log.info("client refused at VERSION: %s", exc)
+                return
+            self._attached = True
+            self.device.attach(_Context(self))
+            self._give_irq_fds()
+            return
+        try:
+            self.ctx.run()
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.ENOTCONN, errno.ECONNRESET):
                 raise
