@@ -191,7 +191,7 @@ class PciDevice(Device):
     # -- reset ---------------------------------------------------------------------------
     def reset(self) -> None:
         """DEVICE_RESET: the whole function back to reset values; leaves ERROR."""
-        self.work.drain()
+        self._drain()
         with self.lock:
             self._reset_state()
             self.mig.reset()
@@ -199,10 +199,14 @@ class PciDevice(Device):
     def _function_reset(self) -> None:
         """FLR or D3hot -> D0 (called from a config write, under the lock)."""
         self.log.info("function-level reset")
-        run_unlocked(self.lock, self.work.drain)
+        run_unlocked(self.lock, self._drain)
         self._reset_state()
 
+    def _drain(self) -> None:
+        self.work.drain(lambda: self.dma.in_message)
+
     def _reset_state(self) -> None:
+        self.work.cancel()
         self.config.reset()
         for regs in self.regfiles.values():
             regs.reset()
@@ -240,7 +244,7 @@ class PciDevice(Device):
 
     def _running(self, running: bool) -> None:
         if not running:
-            self.work.drain()
+            self._drain()
         with self.lock:
             self.running(running)
 

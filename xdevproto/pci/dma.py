@@ -61,6 +61,32 @@ class _Mapped:
         return self.region.iova + self.region.size
 
 
+@dataclass(slots=True)
+class _Piece:
+    """The part of one access that falls into one region."""
+
+    entry: _Mapped
+    offset: int  # into the region
+    length: int
+    pos: int  # into the access
+    pinned: bool = False
+
+    @property
+    def iova(self) -> int:
+        return self.entry.region.iova + self.offset
+
+    def done(self) -> None:
+        """Release the region (idempotent)."""
+        if not self.pinned:
+            return
+        self.pinned = False
+        entry = self.entry
+        with entry.cond:
+            entry.users -= 1
+            if entry.users == 0 and entry.gone:
+                entry.cond.notify_all()
+
+
 @dataclass(frozen=True, slots=True)
 class SgEntry:
     """One scatter-gather element: ``length`` bytes at guest address ``addr``."""
@@ -78,6 +104,8 @@ class GuestMemory:
         self._regions: list[_Mapped] = []
         self.ctx: DeviceContext | None = None
         self._log_page: int | None = None
+        #: accesses waiting for a DMA message answer (see PciDevice.reset)
+        self.in_message = 0
 
     # -- mapping (called from the runtime thread) ----------------------------------------
     def map(self, region: DmaRegion) -> None:
@@ -124,11 +152,18 @@ class GuestMemory:
 
     # -- lookup ----------------------------------------------------------------------------
     @contextmanager
-    def _pin(self, addr: int, length: int, write: bool) -> Iterator[list[tuple[_Mapped, int, int]]]:
-        """The (region, offset, length) pieces covering [addr, addr+length), in use."""
+    def _pin(self, addr: int, length: int, write: bool) -> Iterator[list[_Piece]]:
+        """The pieces covering [addr, addr+length), fd-mapped ones in use.
+
+        Each fd-mapped piece is released by :meth:`_Piece.done` as soon as it
+        was copied, so that an access never holds a region while it waits for
+        a DMA message (the runtime thread that answers it may be the one
+        waiting in unmap). Message pieces are not pinned: once unmapped, the
+        client refuses them.
+        """
         if addr < 0 or length < 0 or addr + length > 1 << 64:
             raise DmaError(f"DMA address {addr:#x}+{length} out of range")
-        pieces: list[tuple[_Mapped, int, int]] = []
+        pieces: list[_Piece] = []
         with self._lock:
             i = bisect.bisect(self._starts, addr) - 1
             pos, end = addr, addr + length
@@ -141,19 +176,18 @@ class GuestMemory:
                 if not (entry.region.writable if write else entry.region.readable):
                     raise DmaError(f"DMA {'write' if write else 'read'} denied at {pos:#x}")
                 n = min(end, entry.end) - pos
-                pieces.append((entry, pos - entry.region.iova, n))
+                pieces.append(_Piece(entry, pos - entry.region.iova, n, pos - addr))
                 pos += n
                 i += 1
-            for entry, _, _ in pieces:
-                entry.users += 1
+            for piece in pieces:
+                if piece.entry.view is not None:
+                    piece.entry.users += 1
+                    piece.pinned = True
         try:
             yield pieces
         finally:
-            for entry, _, _ in pieces:
-                with entry.cond:
-                    entry.users -= 1
-                    if entry.users == 0 and entry.gone:
-                        entry.cond.notify_all()
+            for piece in pieces:
+                piece.done()
 
     def _context(self) -> DeviceContext:
         if self.ctx is None:
@@ -171,33 +205,33 @@ class GuestMemory:
         """Fill ``buf`` from guest memory at ``addr``."""
         out = memoryview(buf).cast("B")
         with self._pin(addr, len(out), False) as pieces:
-            pos = 0
-            for entry, off, n in pieces:
-                if entry.view is not None:
-                    out[pos:pos + n] = entry.view[off:off + n]
+            for p in pieces:
+                dst = out[p.pos:p.pos + p.length]
+                if p.entry.view is not None:
+                    dst[:] = p.entry.view[p.offset:p.offset + p.length]
+                    p.done()
                 else:
-                    self._msg_read(entry.region.iova + off, out[pos:pos + n])
-                pos += n
+                    self._msg_read(p.iova, dst)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` into guest memory at ``addr``."""
         src = memoryview(data).cast("B")
         with self._pin(addr, len(src), True) as pieces:
-            pos = 0
-            for entry, off, n in pieces:
-                if entry.view is not None:
-                    entry.view[off:off + n] = src[pos:pos + n]
-                    self._mark(entry, off, n)
+            for p in pieces:
+                chunk = src[p.pos:p.pos + p.length]
+                if p.entry.view is not None:
+                    p.entry.view[p.offset:p.offset + p.length] = chunk
+                    self._mark(p.entry, p.offset, p.length)
+                    p.done()
                 else:
-                    self._msg_write(entry.region.iova + off, src[pos:pos + n])
-                pos += n
+                    self._msg_write(p.iova, chunk)
 
     def _msg_read(self, iova: int, out: memoryview) -> None:
         ctx = self._context()
         step = max(1, ctx.max_data_xfer_size)
         for pos in range(0, len(out), step):
             n = min(step, len(out) - pos)
-            data = _checked(ctx.dma_read, iova + pos, n)
+            data = self._message(ctx.dma_read, iova + pos, n)
             if len(data) != n:
                 raise DmaError(f"DMA_READ at {iova + pos:#x} returned {len(data)} of {n} bytes")
             out[pos:pos + n] = data
@@ -206,27 +240,40 @@ class GuestMemory:
         ctx = self._context()
         step = max(1, ctx.max_data_xfer_size)
         for pos in range(0, len(src), step):
-            chunk = src[pos:pos + step]
-            _checked(ctx.dma_write, iova + pos, chunk)
+            self._message(ctx.dma_write, iova + pos, src[pos:pos + step])
+
+    def _message(self, fn: Callable[[int, A], T], addr: int, arg: A) -> T:
+        """One DMA message; a refusal becomes a DmaError the device can report."""
+        with self._lock:
+            self.in_message += 1
+        try:
+            return fn(addr, arg)
+        except DmaError:
+            raise
+        except VfioUserError as exc:
+            raise DmaError(f"message DMA failed: {exc}", exc.errno or errno.EFAULT) from None
+        finally:
+            with self._lock:
+                self.in_message -= 1
 
     @contextmanager
     def view(self, addr: int, length: int, write: bool = False) -> Iterator[memoryview]:
         """A zero-copy memoryview of guest memory, usable inside the ``with``.
 
         Only for a range inside one fd-mapped region (DmaError otherwise); a
-        writable view marks its pages dirty.
+        writable view marks its pages dirty. Unmap waits while it is open.
         """
         with self._pin(addr, length, write) as pieces:
-            entry, off, n = pieces[0]
-            if len(pieces) != 1 or entry.view is None:
+            p = pieces[0]
+            if len(pieces) != 1 or p.entry.view is None:
                 raise DmaError(f"{addr:#x}+{length} is not in one fd-mapped region")
-            v = entry.view[off:off + n]
+            v = p.entry.view[p.offset:p.offset + p.length]
             try:
                 yield v
             finally:
                 v.release()
                 if write:
-                    self._mark(entry, off, n)
+                    self._mark(p.entry, p.offset, p.length)
 
     # -- scatter-gather --------------------------------------------------------------------
     def read_sg(self, sg: Sequence[SgEntry]) -> bytes:
@@ -253,23 +300,25 @@ class GuestMemory:
     def preadv(self, fd: int, sg: Sequence[SgEntry], offset: int) -> int:
         """Read file ``fd`` at ``offset`` straight into guest memory (disk reads).
 
-        Fd-mapped pieces are filled by one ``os.preadv`` without copying; pieces
+        Fd-mapped pieces are filled by ``os.preadv`` without copying; pieces
         reachable only by message go through a bounce buffer. Returns the bytes
-        read (short at end of file).
+        read (short at end of file). OSError from the file propagates.
         """
         total = 0
         for e in sg:
             with self._pin(e.addr, e.length, True) as pieces:
-                for entry, off, n in pieces:
-                    if entry.view is not None:
-                        got = os.preadv(fd, [entry.view[off:off + n]], offset + total)
-                        self._mark(entry, off, got)
+                for p in pieces:
+                    if p.entry.view is not None:
+                        got = os.preadv(fd, [p.entry.view[p.offset:p.offset + p.length]],
+                                        offset + total)
+                        self._mark(p.entry, p.offset, got)
+                        p.done()
                     else:
-                        data = os.pread(fd, n, offset + total)
+                        data = os.pread(fd, p.length, offset + total)
                         got = len(data)
-                        self._msg_write(entry.region.iova + off, memoryview(data))
+                        self._msg_write(p.iova, memoryview(data))
                     total += got
-                    if got < n:
+                    if got < p.length:
                         return total
         return total
 
@@ -278,15 +327,17 @@ class GuestMemory:
         total = 0
         for e in sg:
             with self._pin(e.addr, e.length, False) as pieces:
-                for entry, off, n in pieces:
-                    if entry.view is not None:
-                        done = os.pwritev(fd, [entry.view[off:off + n]], offset + total)
+                for p in pieces:
+                    if p.entry.view is not None:
+                        done = os.pwritev(fd, [p.entry.view[p.offset:p.offset + p.length]],
+                                          offset + total)
+                        p.done()
                     else:
-                        buf = bytearray(n)
-                        self._msg_read(entry.region.iova + off, memoryview(buf))
+                        buf = bytearray(p.length)
+                        self._msg_read(p.iova, memoryview(buf))
                         done = os.pwrite(fd, buf, offset + total)
                     total += done
-                    if done < n:
+                    if done < p.length:
                         return total
         return total
 
@@ -324,31 +375,24 @@ class GuestMemory:
         if length <= 0 or iova % page_size:
             raise DeviceError("report range not page-aligned", errno.EINVAL)
         pages = -(-length // page_size)
-        out = bytearray(-(-pages // 64) * 8)
+        first = iova // page_size
+        out = 0
         with self._lock:
             for entry in self._regions:
                 if entry.dirty is None or entry.end <= iova or entry.region.iova >= iova + length:
                     continue
-                base = entry.region.iova // page_size
-                for p in range(len(entry.dirty) * 8):
-                    if entry.dirty[p >> 3] >> (p & 7) & 1:
-                        n = base + p - iova // page_size
-                        if 0 <= n < pages:
-                            out[n >> 3] |= 1 << (n & 7)
-                            entry.dirty[p >> 3] &= ~(1 << (p & 7)) & 0xFF
-        return bytes(out)
+                base = entry.region.iova // page_size  # page number of the bitmap's bit 0
+                bits = int.from_bytes(entry.dirty, "little")
+                lo, hi = max(first, base), min(first + pages, base + len(entry.dirty) * 8)
+                window = ((1 << (hi - lo)) - 1) << (lo - base)
+                hit = bits & window
+                if not hit:
+                    continue
+                out |= (hit >> (lo - base)) << (lo - first)
+                entry.dirty[:] = (bits & ~window).to_bytes(len(entry.dirty), "little")
+        return out.to_bytes(-(-pages // 64) * 8, "little")
 
 
 def _bitmap_len(size: int, page: int) -> int:
     pages = -(-size // page) + 1  # +1: a region need not start on a page boundary
     return -(-pages // 8)
-
-
-def _checked(fn: Callable[[int, A], T], addr: int, arg: A) -> T:
-    """Turn a failed message DMA into a DmaError the device can report."""
-    try:
-        return fn(addr, arg)
-    except DmaError:
-        raise
-    except VfioUserError as exc:
-        raise DmaError(f"message DMA failed: {exc}", exc.errno or errno.EFAULT) from None

@@ -28,6 +28,7 @@ class WorkQueue:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         self._busy = 0
         self._idle = threading.Condition()
+        self.epoch = 0
 
     def submit(self, fn: Callable[[], T],
                done: Callable[[T | None, BaseException | None], None] | None = None,
@@ -39,10 +40,11 @@ class WorkQueue:
         """
         with self._idle:
             self._busy += 1
-        return self._pool.submit(self._run, fn, done)
+        return self._pool.submit(self._run, fn, done, self.epoch)
 
     def _run(self, fn: Callable[[], T],
-             done: Callable[[T | None, BaseException | None], None] | None) -> T | None:
+             done: Callable[[T | None, BaseException | None], None] | None,
+             epoch: int) -> T | None:
         result: T | None = None
         error: BaseException | None = None
         try:
@@ -52,7 +54,10 @@ class WorkQueue:
         try:
             if done is not None:
                 with self.lock:
-                    done(result, error)
+                    if epoch == self.epoch:
+                        done(result, error)
+                    else:
+                        log.info("completion of work from before a reset dropped")
             elif error is not None:
                 log.error("work item failed: %s", error, exc_info=error)
         except Exception:
@@ -68,14 +73,29 @@ class WorkQueue:
     def busy(self) -> int:
         return self._busy
 
-    def drain(self) -> None:
+    def drain(self, blocked: Callable[[], int] = lambda: 0, grace: float = 2.0) -> None:
         """Wait until no work is queued or running (STOP, reset, shutdown).
 
-        Must not be called with the device lock held by this thread while a
-        completion is waiting for it; the framework releases it first.
+        Must be called without the device lock (completions need it).
+        ``blocked()`` counts workers waiting for a DMA message answer: without
+        a twin socket, that answer is read by the very thread that is draining,
+        so once only such workers remain we wait at most ``grace`` seconds and
+        go on rather than deadlock (their completions then run later, or are
+        dropped after a reset).
         """
         with self._idle:
-            self._idle.wait_for(lambda: self._busy == 0)
+            while self._busy:
+                if self._busy <= blocked():
+                    self._idle.wait_for(lambda: self._busy == 0, timeout=grace)
+                    if self._busy:
+                        log.warning("%d work items wait for DMA messages; not waiting "
+                                    "for them", self._busy)
+                    return
+                self._idle.wait(0.05)
+
+    def cancel(self) -> None:
+        """Reset: completions of work submitted so far will be dropped."""
+        self.epoch += 1
 
     def shutdown(self) -> None:
         self.drain()

@@ -251,3 +251,12 @@ def test_bad_fd_is_refused(gm: GuestMemory) -> None:
         gm.map(DmaRegion(0, PAGE, True, True, r))
     with pytest.raises(OSError):
         os.close(r)  # ownership passed and the fd was closed
+
+
+def test_dirty_report_range_wider_than_the_region(ram: MemfdRam, gm: GuestMemory) -> None:
+    gm.map(memfd_region(ram, 4 * PAGE, 2 * PAGE))
+    gm.logging_start(PAGE)
+    gm.write(5 * PAGE + 1, b"z")
+    bitmap = int.from_bytes(gm.logging_report(0, 70 * PAGE, PAGE), "little")
+    assert bitmap == 1 << 5
+    assert len(gm.logging_report(0, 70 * PAGE, PAGE)) == 16  # u64 words
