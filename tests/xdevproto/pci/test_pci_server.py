@@ -33,7 +33,7 @@ class ServerProcess:
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         self.path = sock
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "sample_device.py"), "--socket", str(sock)],
+            [sys.executable, str(HERE / "pci_sample_device.py"), "--socket", str(sock)],
             env=env, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
         while not sock.exists():

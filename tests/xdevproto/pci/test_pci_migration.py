@@ -7,7 +7,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sample_device import SampleDevice
+from pci_sample_device import SampleDevice
 
 from xdevproto.errors import DeviceError
 from xdevproto.pci import migration as mig

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from sample_device import SampleDevice
+from pci_sample_device import SampleDevice
 
 from xdevproto.pci.work import WorkQueue, run_unlocked
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from sample_device import SampleDevice
+from pci_sample_device import SampleDevice
 
 from xdevproto.errors import DeviceError
 from xdevproto.pci import Bar, BarKind, Identity, MsiCap, PciDevice

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from sample_device import SampleDevice
+from pci_sample_device import SampleDevice
 
 from xdevproto.errors import DeviceError
 from xdevproto.wire import IrqIndex, IrqInfoFlags, PciRegion, SetIrqsFlags

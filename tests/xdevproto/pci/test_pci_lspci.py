@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from sample_device import SampleDevice
+from pci_sample_device import SampleDevice
 
 from xdevproto.wire import PciRegion
 
