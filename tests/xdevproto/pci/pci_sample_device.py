@@ -4,7 +4,8 @@ BAR0 (mem32, 4 KiB): registers. BAR1 (I/O, 32 bytes): handler methods.
 BAR2 (mem64 prefetchable, 16 KiB): MSI-X table at 0, PBA at 0x2000.
 Capabilities: PM, MSI (64-bit, 4 vectors, per-vector mask), MSI-X (8), PCIe.
 
-``python tests/xdevproto/pci/pci_sample_device.py --socket PATH`` serves it (repo root on PYTHONPATH).
+``python tests/xdevproto/pci/pci_sample_device.py --socket PATH`` serves it
+(with the repo root on PYTHONPATH).
 """
 
 from __future__ import annotations
