@@ -36,6 +36,9 @@ from typing import TypeVar
 from ..device import DeviceContext, DmaRegion
 from ..errors import DeviceError, VfioUserError
 
+#: copies up to this size are made under the table lock instead of pinning
+FAST_COPY_MAX = 64 << 10
+
 T = TypeVar("T")
 A = TypeVar("A")
 
@@ -55,10 +58,17 @@ class _Mapped:
     gone: bool = False
     dirty: bytearray | None = None
     cond: threading.Condition = field(default_factory=threading.Condition)
+    # copies of region fields, read on the fast path
+    iova: int = 0
+    size: int = 0
+    end: int = 0
+    readable: bool = False
+    writable: bool = False
 
-    @property
-    def end(self) -> int:
-        return self.region.iova + self.region.size
+    def __post_init__(self) -> None:
+        self.iova, self.size = self.region.iova, self.region.size
+        self.end = self.iova + self.size
+        self.readable, self.writable = self.region.readable, self.region.writable
 
 
 @dataclass(slots=True)
@@ -195,8 +205,27 @@ class GuestMemory:
         return self.ctx
 
     # -- accesses ----------------------------------------------------------------------------
+    def _fast(self, addr: int, length: int) -> _Mapped | None:
+        """The fd-mapped region holding all of [addr, addr+length), if one does.
+
+        Call with ``_lock`` held: a copy made under it needs no pin, since
+        unmap takes the lock to remove the region.
+        """
+        i = bisect.bisect(self._starts, addr) - 1
+        if i < 0 or length > FAST_COPY_MAX:
+            return None
+        e = self._regions[i]
+        if e.view is None or addr + length > e.end or length < 0:
+            return None
+        return e
+
     def read(self, addr: int, length: int) -> bytes:
         """Copy ``length`` bytes of guest memory at ``addr``."""
+        with self._lock:
+            e = self._fast(addr, length)
+            if e is not None and e.readable and e.view is not None:
+                off = addr - e.iova
+                return e.view[off:off + length].tobytes()
         buf = bytearray(length)
         self.readinto(addr, buf)
         return bytes(buf)
@@ -204,6 +233,12 @@ class GuestMemory:
     def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
         """Fill ``buf`` from guest memory at ``addr``."""
         out = memoryview(buf).cast("B")
+        with self._lock:
+            e = self._fast(addr, len(out))
+            if e is not None and e.readable and e.view is not None:
+                off = addr - e.iova
+                out[:] = e.view[off:off + len(out)]
+                return
         with self._pin(addr, len(out), False) as pieces:
             for p in pieces:
                 dst = out[p.pos:p.pos + p.length]
@@ -216,6 +251,14 @@ class GuestMemory:
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` into guest memory at ``addr``."""
         src = memoryview(data).cast("B")
+        with self._lock:
+            e = self._fast(addr, len(src))
+            if e is not None and e.writable and e.view is not None:
+                off = addr - e.iova
+                e.view[off:off + len(src)] = src
+                if e.dirty is not None:
+                    self._mark(e, off, len(src))
+                return
         with self._pin(addr, len(src), True) as pieces:
             for p in pieces:
                 chunk = src[p.pos:p.pos + p.length]
