@@ -215,8 +215,8 @@ class AtaDisk:
         return seal_identify(w)
 
     # -- dispatch ---------------------------------------------------------------
-    def execute(self, tf: TaskFile, data: DataPhase) -> Outcome:
-        """Run one command to completion (on a worker thread)."""
+    def execute(self, tf: TaskFile, data: DataPhase, cdb: bytes = b"") -> Outcome:
+        """Run one command to completion (on a worker thread); ``cdb`` is for ATAPI only."""
         try:
             cmd = Cmd(tf.command)
         except ValueError:
