@@ -1,289 +1,414 @@
-"""The 82540EM as a vfio-user device: PCI identity, regions, INTx and guest
-memory around the :class:`~servers.e1000.nic.E1000` model.
+"""The Intel 82540EM as an ``xdevproto.pci`` device: PCI identity, BARs,
+register semantics, interrupts with moderation, link state and reset
+(8254x SDM ch. 13, 3.4 "Interrupts", 4.1 "PCI Configuration"). The transmit
+and receive engines live in :mod:`.tx` and :mod:`.rx`, packet logic in
+:mod:`.packet`, EEPROM and PHY in :mod:`.eeprom`.
 
-Regions (SDM 4.1 "PCI Configuration"): BAR0 128 KiB of memory-mapped
-registers, BAR1 a 64-byte I/O window (IOADDR/IODATA), config space with
-vendor 8086, device 100E, class 020000 and interrupt pin A.
-
-This glue is written against ``xdevproto.device.Device`` directly: config
-space, DMA windows and the INTx line are small enough to keep here.
+BAR0 is 128 KiB of registers (the layout in :mod:`.regs`), BAR1 a 64-byte
+I/O window (IOADDR at 0, IODATA at 4, SDM 13.2.2), INTx pin A, a power
+management capability. Frames arrive from the back end's thread and are
+stored under the device lock; time comes from :class:`~.timers.Timers`.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
-import mmap
 import os
 import struct
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from xdevproto import wire
-from xdevproto.device import NO_REGION, Device, DeviceContext, DmaRegion, IrqDesc, RegionDesc
+from xdevproto.device import DmaRegion
 from xdevproto.errors import DeviceError
-from xdevproto.wire import IrqIndex, PciRegion, RegionFlags
+from xdevproto.pci import Bar, BarKind, Identity, PciDevice, PmCap
+from xdevproto.pci.regs import RegisterFile
 
+from . import regs as R
 from .backends import Backend
-from .eeprom import DEVICE_ID, INTEL, SUBSYSTEM_ID
-from .nic import BAR0_SIZE, E1000, IO_SIZE
+from .eeprom import DEVICE_ID, INTEL, SUBSYSTEM_ID, Eeprom, Phy, eeprom_image, mdic_access
+from .fastmem import FastGuestMemory
+from .packet import BROADCAST, RxFilter
+from .regs import BAR0_SIZE, LAYOUT, STAT_PAIRS, STATS
+from .rx import Receiver
 from .timers import ThreadTimers, Timers
+from .tx import Transmitter
 
 log = logging.getLogger(__name__)
 
-RW = RegionFlags.READ | RegionFlags.WRITE
-CONFIG_SIZE = 256
-CMD_WRITABLE = 0x0547  # I/O, memory, bus master, parity, SERR, INTx disable
-REVISION = 0x03
+IO_SIZE = 0x40
+ITR_UNIT = 256e-9  # ITR counts 256 ns (SDM 13.4.18)
+DELAY_UNIT = 1.024e-6  # RDTR/RADV/TIDV/TADV count 1.024 us (SDM 13.4.30)
+_RX_COUNTERS = ("GPRC", "TPR", "GORCL", "TORL", "BPRC", "MPRC", "PRC")
+_TX_COUNTERS = ("GPTC", "TPT", "GOTCL", "TOTL", "BPTC", "MPTC", "PTC")
+_TIMERS = ("itr", "rdtr", "radv", "tidv", "tadv")
+_BUCKETS = (64, 127, 255, 511, 1023, 1522)  # PRCnn/PTCnn upper bounds (SDM 13.7)
 
 
-def config_space() -> bytearray:
-    """The type 0 header (PCI 3.0, 6.1) of an 82540EM."""
-    c = bytearray(CONFIG_SIZE)
-    struct.pack_into("<HHHH", c, 0, INTEL, DEVICE_ID, 0, 0x0200)  # status: DEVSEL medium
-    struct.pack_into("<I", c, 0x08, 0x02000000 | REVISION)  # Ethernet controller
-    struct.pack_into("<I", c, 0x10, 0x0)  # BAR0: 32-bit memory, not prefetchable
-    struct.pack_into("<I", c, 0x14, 0x1)  # BAR1: I/O
-    struct.pack_into("<HH", c, 0x2C, INTEL, SUBSYSTEM_ID)
-    c[0x3D] = 1  # INTA#
-    c[0x3E], c[0x3F] = 0xFF, 0x00  # MIN_GNT, MAX_LAT as the part reports
-    return c
+class OffsetRegs:
+    """BAR0 registers by offset, without side effects: the engines' view
+    (``r[RDH]``), backed by the framework's register file."""
+
+    def __init__(self, rf: RegisterFile) -> None:
+        self.values = rf.values  # reset and load update the list in place
+        self.slot = {s.offset: s.number for s in rf.layout.slots}
+
+    def __getitem__(self, off: int) -> int:
+        return self.values[self.slot[off]]
+
+    def __setitem__(self, off: int, value: int) -> None:
+        self.values[self.slot[off]] = value & 0xFFFFFFFF
 
 
-class GuestMemory:
-    """DMA windows the client mapped; fd-backed ones are accessed in place."""
+class E1000Device(PciDevice):
+    identity = Identity(vendor_id=INTEL, device_id=DEVICE_ID, class_code=0x020000,
+                        revision=0x03, subsystem_vendor_id=INTEL, subsystem_id=SUBSYSTEM_ID)
+    bars = (Bar(0, BAR0_SIZE, regs=LAYOUT), Bar(1, IO_SIZE, BarKind.IO))
+    capabilities = (PmCap(),)
+    workers = 1
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.maps: list[tuple[DmaRegion, mmap.mmap | None]] = []
-        self.ctx: DeviceContext | None = None
-
-    def add(self, region: DmaRegion) -> None:
-        mem = None
-        if region.fd is not None:
-            try:
-                prot = mmap.PROT_READ | (mmap.PROT_WRITE if region.writable else 0)
-                mem = mmap.mmap(region.fd, region.size + region.fd_offset, prot=prot)
-            except (OSError, ValueError) as exc:
-                raise DeviceError(f"cannot map DMA fd: {exc}", errno.EINVAL) from None
-            finally:
-                os.close(region.fd)
-        with self.lock:
-            self.maps.append((region, mem))
-
-    def remove(self, region: DmaRegion) -> None:
-        with self.lock:
-            for i, (r, mem) in enumerate(self.maps):
-                if r.iova == region.iova and r.size == region.size:
-                    del self.maps[i]
-                    if mem is not None:
-                        mem.close()
-                    return
-
-    def _find(self, addr: int, length: int, write: bool) -> tuple[DmaRegion, mmap.mmap | None]:
-        maps = self.maps
-        if len(maps) == 1:  # the usual case: all guest RAM in one region
-            region, mem = maps[0]
-            if (region.iova <= addr and addr + length <= region.iova + region.size
-                    and (region.writable if write else region.readable)):
-                return region, mem
-        for region, mem in maps:
-            if region.iova <= addr and addr + length <= region.iova + region.size:
-                if (write and not region.writable) or (not write and not region.readable):
-                    break
-                return region, mem
-        raise DeviceError(f"DMA outside guest memory: {addr:#x}+{length}", errno.EFAULT)
-
-    def read(self, addr: int, length: int) -> bytes:
-        with self.lock:
-            region, mem = self._find(addr, length, False)
-            if mem is not None:
-                start = addr - region.iova + region.fd_offset
-                return mem[start:start + length]
-            ctx = self.ctx
-        if ctx is None:
-            raise DeviceError("no client for message DMA", errno.ENOTCONN)
-        return ctx.dma_read(addr, length)
-
-    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        with self.lock:
-            region, mem = self._find(addr, len(data), True)
-            if mem is not None:
-                start = addr - region.iova + region.fd_offset
-                mem[start:start + len(data)] = data
-                return
-            ctx = self.ctx
-        if ctx is None:
-            raise DeviceError("no client for message DMA", errno.ENOTCONN)
-        ctx.dma_write(addr, bytes(data) if isinstance(data, bytearray) else data)
-
-    def clear(self) -> None:
-        with self.lock:
-            for _, mem in self.maps:
-                if mem is not None:
-                    mem.close()
-            self.maps.clear()
-
-
-class IntxLine:
-    """Level-triggered INTx over an eventfd with vfio's mask/unmask: a
-    signal is sent when the line rises while unmasked, or on unmask while it
-    is still high (the client masks on delivery and unmasks on EOI)."""
-
-    def __init__(self) -> None:
-        self.fd: int | None = None
-        self.level = False
-        self.masked = False
-        self.lock = threading.Lock()
-
-    def set_level(self, level: bool) -> None:
-        with self.lock:
-            rising = level and not self.level
-            self.level = level
-            if rising and not self.masked:
-                self._signal()
-
-    def _signal(self) -> None:
-        if self.fd is not None:
-            try:
-                os.eventfd_write(self.fd, 1)
-            except OSError as exc:
-                log.warning("INTx eventfd: %s", exc)
-
-    def set_fd(self, fd: int | None) -> None:
-        with self.lock:
-            if self.fd is not None:
-                os.close(self.fd)
-            self.fd = fd
-            if fd is not None and self.level and not self.masked:
-                self._signal()
-
-    def mask(self, masked: bool) -> None:
-        with self.lock:
-            self.masked = masked
-            if not masked and self.level:
-                self._signal()
-
-
-class E1000Device(Device):
     def __init__(self, mac: bytes, backend: Backend, timers: Timers | None = None) -> None:
+        super().__init__()
+        self.mac = bytes(mac)
         self.backend = backend
-        self.mem = GuestMemory()
-        self.intx = IntxLine()
-        self.config = config_space()
+        self.send: Callable[[bytes], None] = backend.send
         self.timers = timers if timers is not None else ThreadTimers()
-        self.nic = E1000(mac, dma=self.mem, send=backend.send, set_irq=self.intx.set_level,
-                         timers=self.timers)
-        self.nic.set_partner(backend.link_up)
-        backend.start(self.nic.receive, self.nic.set_partner)
+        self.r = OffsetRegs(self.regs(0))
+        self.mem = FastGuestMemory(self.dma)
+        self._counter_slots: dict[bool, Any] = {
+            True: self._slots_for(_RX_COUNTERS), False: self._slots_for(_TX_COUNTERS)}
+        self.eeprom = Eeprom(eeprom_image(self.mac))
+        self.phy = Phy()
+        self.irq_level = False
+        self._last_irq = -1e9
+        self._filter: RxFilter | None = None
+        self.io_addr = 0
+        self.tx = Transmitter(self)
+        self.rx = Receiver(self)
+        self._reset_nic()
+        self.set_partner(backend.link_up)
+        backend.start(self.receive, self.set_partner)
 
     def close(self) -> None:
         self.backend.close()
         self.timers.close()
-        self.mem.clear()
-        self.intx.set_fd(None)
+        self.work.shutdown()
+        with self.lock:
+            self.mem.clear()
+        self.dma.unmap_all()
+        self.intr.release()
 
-    # -- description -----------------------------------------------------------------
-    def region(self, index: int) -> RegionDesc:
-        if index == PciRegion.BAR0:
-            return RegionDesc(BAR0_SIZE, RW)
-        if index == PciRegion.BAR1:
-            return RegionDesc(IO_SIZE, RW)
-        if index == PciRegion.CONFIG:
-            return RegionDesc(CONFIG_SIZE, RW)
-        return NO_REGION
-
-    def irq(self, index: int) -> IrqDesc:
-        if index == IrqIndex.INTX:
-            return IrqDesc(1, wire.IrqInfoFlags.EVENTFD | wire.IrqInfoFlags.MASKABLE)
-        return IrqDesc(0)
-
-    # -- accesses ------------------------------------------------------------------------
-    def region_read(self, index: int, offset: int, count: int) -> bytes:
-        if index == PciRegion.CONFIG:
-            return bytes(self.config[offset:offset + count])
-        out = bytearray()
-        while len(out) < count:
-            off = offset + len(out)
-            size = 4 if off % 4 == 0 and count - len(out) >= 4 else 1
-            if index == PciRegion.BAR0:
-                value = self.nic.read(off, size)
-            elif index == PciRegion.BAR1:
-                value = self.nic.io_read(off, size)
-            else:
-                raise DeviceError(f"no region {index}", errno.EINVAL)
-            out += value.to_bytes(size, "little")
-        return bytes(out)
-
-    def region_write(self, index: int, offset: int, data: bytes) -> None:
-        if index == PciRegion.CONFIG:
-            self._config_write(offset, data)
-            return
-        pos = 0
-        while pos < len(data):
-            off = offset + pos
-            size = 4 if off % 4 == 0 and len(data) - pos >= 4 else 1
-            value = int.from_bytes(data[pos:pos + size], "little")
-            if index == PciRegion.BAR0:
-                self.nic.write(off, value, size)
-            elif index == PciRegion.BAR1:
-                self.nic.io_write(off, value, size)
-            else:
-                raise DeviceError(f"no region {index}", errno.EINVAL)
-            pos += size
-
-    def _config_write(self, offset: int, data: bytes) -> None:
-        """Only the command register, BARs and interrupt line are writable."""
-        for i, byte in enumerate(data):
-            off = offset + i
-            if off in (4, 5):
-                mask = CMD_WRITABLE >> (8 * (off - 4)) & 0xFF
-                self.config[off] = (self.config[off] & ~mask) | (byte & mask)
-            elif 0x10 <= off < 0x18 or off == 0x3C:
-                self.config[off] = byte
-        for bar, size, low in ((0x10, BAR0_SIZE, 0x0), (0x14, IO_SIZE, 0x1)):
-            value = struct.unpack_from("<I", self.config, bar)[0]
-            struct.pack_into("<I", self.config, bar, (value & ~(size - 1)) | low)
-
-    # -- session -------------------------------------------------------------------------
-    def attach(self, ctx: DeviceContext) -> None:
-        self.mem.ctx = ctx
-
-    def detach(self) -> None:
-        self.mem.ctx = None
-
+    # -- guest memory: a fast path beside the framework's (see fastmem.py) --------------
     def dma_map(self, region: DmaRegion) -> None:
-        self.mem.add(region)
+        dup = os.dup(region.fd) if region.fd is not None else None
+        try:
+            super().dma_map(region)
+        except BaseException:
+            if dup is not None:
+                os.close(dup)
+            raise
+        if dup is not None:
+            with self.lock:
+                self.mem.add(region, dup)
 
     def dma_unmap(self, region: DmaRegion) -> None:
-        # The NIC lock is held by every DMA user: taking it waits for them to finish.
-        with self.nic.lock:
+        with self.lock:  # every DMA of ours runs under the lock: none is in flight
             self.mem.remove(region)
+        super().dma_unmap(region)
 
-    def set_irqs(self, index: int, action: int, start: int, count: int,
-                 fds: Sequence[int | None] | None, bools: bytes | None) -> None:
-        if index != IrqIndex.INTX:
-            for fd in fds or ():
-                if fd is not None:
-                    os.close(fd)
-            if count:
-                raise DeviceError(f"interrupt index {index} not supported", errno.EINVAL)
+    def dma_logging_start(self, page_size: int, ranges: Sequence[tuple[int, int]]) -> None:
+        with self.lock:
+            self.mem.enabled = False  # every write must reach the dirty bitmap
+        super().dma_logging_start(page_size, ranges)
+
+    def dma_logging_stop(self) -> None:
+        super().dma_logging_stop()
+        with self.lock:
+            self.mem.enabled = True
+
+    # -- reset (SDM 13.4.1 CTRL.RST; 14.3 "Software reset") -----------------------
+    def _reset_nic(self) -> None:
+        """Everything outside the register file; registers are already reset."""
+        self.eeprom.eecd = 0
+        self._load_mac()
+        self.tx.reset()
+        self.rx.reset()
+        for key in _TIMERS:
+            self.timers.cancel(key)
+        self._filter = None
+        self.irq_level = False
+        self.intr.lower(0)
+
+    def _load_mac(self) -> None:
+        """The MAC from EEPROM words 0-2 into RAL0/RAH0 with AV (SDM 5.6.1)."""
+        mac = struct.pack("<3H", *self.eeprom.words[0:3])
+        self.r[R.RAL] = struct.unpack("<I", mac[:4])[0]
+        self.r[R.RAL + 4] = struct.unpack("<H", mac[4:])[0] | R.RAH_AV
+        self._filter = None
+
+    def device_reset(self) -> None:
+        """DEVICE_RESET, FLR or D3hot->D0: the framework reset the registers."""
+        self._reset_nic()
+        self.phy.reset()
+
+    def running(self, running: bool) -> None:
+        if not running:
+            for key in _TIMERS:
+                self.timers.cancel(key)
+
+    # -- register side effects (named in regs.py) ------------------------------------
+    def write_ctrl(self, index: int, value: int, old: int) -> None:
+        if value & R.CTRL_RST:
+            log.info("CTRL.RST: device reset")
+            self.regs(0).reset()
+            self._reset_nic()
+            self.phy.reset()
+            self.link_changed()
             return
-        flags = wire.SetIrqsFlags
-        if action == flags.ACTION_TRIGGER:
-            if fds is not None:
-                self.intx.set_fd(fds[0] if fds else None)
-            elif count == 0:
-                self.intx.set_fd(None)
-            elif bools is None or bools[0]:
-                self.intx._signal()
-        elif action in (flags.ACTION_MASK, flags.ACTION_UNMASK):
-            for fd in fds or ():
-                if fd is not None:
-                    os.close(fd)
-            if count and (bools is None or bools[0]):
-                self.intx.mask(action == flags.ACTION_MASK)
+        if (value ^ old) & (R.CTRL_PHY_RST | R.CTRL_SLU):
+            if value & R.CTRL_PHY_RST and not old & R.CTRL_PHY_RST:
+                self.phy.reset()
+            self.link_changed()
 
-    def reset(self) -> None:
-        # Config space stays: the client owns BAR addresses and the command register.
-        self.nic.reset()
+    def read_status(self, index: int, value: int) -> int:
+        status = R.STATUS_SPEED_1000 | R.STATUS_ASDV_1000 | R.STATUS_FD
+        if self.link_up:
+            status |= R.STATUS_LU
+        return status
+
+    @property
+    def link_up(self) -> bool:
+        return self.phy.link_up and not self.r[R.CTRL] & R.CTRL_PHY_RST
+
+    def read_eecd(self, index: int, value: int) -> int:
+        return self.eeprom.read_eecd()
+
+    def write_eecd(self, index: int, value: int, old: int) -> None:
+        self.eeprom.write_eecd(value)
+
+    def write_eerd(self, index: int, value: int, old: int) -> None:
+        self.r[R.EERD] = self.eeprom.eerd(value)
+
+    def write_ctrl_ext(self, index: int, value: int, old: int) -> None:
+        if value & R.CTRL_EXT_EE_RST:
+            self._load_mac()
+
+    def write_mdic(self, index: int, value: int, old: int) -> None:
+        was_up = self.link_up
+        self.r[R.MDIC] = mdic_access(self.phy, value)
+        if self.link_up != was_up:
+            self.link_changed()
+        if value & (1 << 29):  # MDIC.I: interrupt on completion
+            self.raise_cause(R.ICR_MDAC)
+
+    def filter_changed(self, index: int, value: int, old: int) -> None:
+        self._filter = None
+
+    # -- interrupts (SDM 3.4, 13.4.17-13.4.21) ---------------------------------------
+    def read_icr(self, index: int, value: int) -> int:
+        if value & self.r[R.IMS]:
+            value |= R.ICR_INT_ASSERTED
+        self.r[R.ICR] = 0  # the 82540 clears ICR on every read
+        self.update_irq()
+        return value
+
+    def read_ics(self, index: int, value: int) -> int:
+        # Real parts read ICR's value here without clearing it; VxWorks relies on it.
+        return self.r[R.ICR]
+
+    def write_ics(self, index: int, value: int, old: int) -> None:
+        self.raise_cause(value & R.ICR_CAUSES)
+
+    def write_imc(self, index: int, value: int, old: int) -> None:
+        self.r[R.IMS] = self.r[R.IMS] & ~value
+        self.update_irq()
+
+    def raise_cause(self, bits: int) -> None:
+        self.r[R.ICR] = self.r[R.ICR] | bits
+        self.update_irq()
+
+    def update_irq(self, *_: object) -> None:
+        """Drive the line from ICR & IMS, holding back a new assertion until
+        ITR intervals have passed since the last (SDM 3.4.2 throttling)."""
+        if not self.r[R.ICR] & self.r[R.IMS]:
+            self.timers.cancel("itr")
+            self._set_level(False)
+            return
+        if self.irq_level:
+            return
+        interval = (self.r[R.ITR] & 0xFFFF) * ITR_UNIT
+        wait = self._last_irq + interval - self.timers.now()
+        if interval and wait > 0:
+            if not self.timers.armed("itr"):
+                self.timers.arm("itr", wait, self._itr_expired)
+            return
+        self._last_irq = self.timers.now()
+        self._set_level(True)
+
+    def _itr_expired(self) -> None:
+        with self.lock:
+            self.update_irq()
+
+    def _set_level(self, level: bool) -> None:
+        if level != self.irq_level:
+            self.irq_level = level
+            self.intr.set_level(0, level)
+
+    def delayed_cause(self, cause: int, delay_key: str, abs_key: str, delay: int,
+                      absolute: int) -> None:
+        """Post ``cause`` after the packet delay timer (re-armed by every
+        event) or the absolute timer (armed by the first), whichever expires
+        first; with no delay, at once (SDM 3.4.3 RDTR/RADV, 3.4.4 TIDV/TADV)."""
+        if delay == 0:
+            self.timers.cancel(delay_key)
+            self.timers.cancel(abs_key)
+            self.raise_cause(cause)
+            return
+
+        def fire() -> None:
+            with self.lock:
+                self.timers.cancel(delay_key)
+                self.timers.cancel(abs_key)
+                self.raise_cause(cause)
+
+        self.timers.arm(delay_key, delay * DELAY_UNIT, fire)
+        if absolute and not self.timers.armed(abs_key):
+            self.timers.arm(abs_key, absolute * DELAY_UNIT, fire)
+
+    def write_rdtr(self, index: int, value: int, old: int) -> None:
+        if value & R.RDTR_FPD and self.timers.armed("rdtr"):
+            # Flush Partial Descriptor: report what is pending now.
+            self.timers.cancel("rdtr")
+            self.timers.cancel("radv")
+            self.raise_cause(R.ICR_RXT0)
+
+    # -- engines ------------------------------------------------------------------------
+    def write_tdt(self, index: int, value: int, old: int) -> None:
+        self.tx.kick()
+
+    def write_tctl(self, index: int, value: int, old: int) -> None:
+        if value & R.TCTL_EN:
+            self.tx.kick()
+
+    def rx_ring_changed(self, index: int, value: int, old: int) -> None:
+        self.rx.ring_changed()
+
+    def rx_filter(self) -> RxFilter:
+        if self._filter is None:
+            r = self.r
+            exact = set()
+            for i in range(16):
+                rah = r[R.RAL + 8 * i + 4]
+                if rah & R.RAH_AV:
+                    exact.add(struct.pack("<IH", r[R.RAL + 8 * i], rah & 0xFFFF))
+            self._filter = RxFilter(
+                frozenset(exact), tuple(r[R.MTA + 4 * i] for i in range(128)),
+                tuple(r[R.VFTA + 4 * i] for i in range(128)), r[R.RCTL], r[R.VET] & 0xFFFF)
+        return self._filter
+
+    def receive(self, frame: bytes) -> bool:
+        """A frame from the wire (back end thread); False if dropped."""
+        with self.lock:
+            return self.rx.receive(frame)
+
+    def set_partner(self, up: bool) -> None:
+        """The back end's link went up or down."""
+        with self.lock:
+            was = self.link_up
+            self.phy.set_partner(up)
+            if self.link_up != was:
+                self.link_changed()
+
+    def link_changed(self) -> None:
+        self.raise_cause(R.ICR_LSC)
+
+    # -- statistics (SDM 13.7) ---------------------------------------------------------
+    def count(self, name: str, n: int = 1) -> None:
+        off = STATS[name]
+        self.r[off] = min(self.r[off] + n, 0xFFFFFFFF)  # counters stick at max
+
+    def count64(self, low: str, n: int) -> None:
+        lo, hi = STATS[low], STATS[low[:-1] + "H"]
+        total = min((self.r[hi] << 32 | self.r[lo]) + n, (1 << 64) - 1)
+        self.r[lo], self.r[hi] = total & 0xFFFFFFFF, total >> 32
+
+    def count_frame(self, rx: bool, frame: bytes) -> None:
+        """The per-frame counters of one direction: good/total packets and
+        octets (with FCS), broadcast/multicast, size bucket (SDM 13.7).
+        Once per frame, so it works on the slots directly."""
+        size = len(frame) + 4
+        v = self.r.values
+        packets, octets, bcast, mcast, buckets = self._counter_slots[rx]
+        for n in packets:
+            if v[n] < 0xFFFFFFFF:
+                v[n] += 1
+        for lo, hi in octets:
+            total = (v[hi] << 32 | v[lo]) + size
+            if total >> 64:
+                total = (1 << 64) - 1
+            v[lo], v[hi] = total & 0xFFFFFFFF, total >> 32
+        if frame[0] & 1:
+            n = bcast if frame[:6] == BROADCAST else mcast
+            if v[n] < 0xFFFFFFFF:
+                v[n] += 1
+        n = buckets[min(bisect.bisect_left(_BUCKETS, size), 5)]
+        if v[n] < 0xFFFFFFFF:
+            v[n] += 1
+
+    def _slots_for(self, names: tuple[str, ...]) -> tuple[object, ...]:
+        slot = self.r.slot
+        gp, tp, go, to, bc, mc, prefix = names
+        return ((slot[STATS[gp]], slot[STATS[tp]]),
+                tuple((slot[STATS[lo]], slot[STATS[lo[:-1] + "H"]]) for lo in (go, to)),
+                slot[STATS[bc]], slot[STATS[mc]],
+                tuple(slot[STATS[f"{prefix}{b}"]] for b in _BUCKETS))
+
+    def _clear_low(self, high: str, value: int) -> int:
+        """Reading the high half of a 64-bit counter clears both halves."""
+        self.r[STATS[STAT_PAIRS[high]]] = 0
+        return value
+
+    def read_gorch(self, index: int, value: int) -> int:
+        return self._clear_low("GORCH", value)
+
+    def read_gotch(self, index: int, value: int) -> int:
+        return self._clear_low("GOTCH", value)
+
+    def read_torh(self, index: int, value: int) -> int:
+        return self._clear_low("TORH", value)
+
+    def read_toth(self, index: int, value: int) -> int:
+        return self._clear_low("TOTH", value)
+
+    def stat(self, name: str) -> int:
+        """A counter's value without clearing it (for tests and logs)."""
+        return self.r[STATS[name]]
+
+    # -- I/O BAR (SDM 13.2.2: IOADDR at 0, IODATA at 4) -----------------------------------
+    def bar_read(self, index: int, offset: int, count: int) -> bytes:
+        if offset == 0 and count == 4:
+            return self.io_addr.to_bytes(4, "little")
+        if offset == 4 and count == 4:
+            return self.regs(0).read(self.io_addr, 4)
+        return bytes(count)
+
+    def bar_write(self, index: int, offset: int, data: bytes) -> None:
+        if offset == 0 and len(data) == 4:
+            self.io_addr = int.from_bytes(data, "little") & (BAR0_SIZE - 4)
+        elif offset == 4 and len(data) == 4:
+            self.regs(0).write(self.io_addr, data)
+
+    # -- migration: state outside the register file -----------------------------------------
+    def save_state(self) -> bytes:
+        phy = [self.phy.regs.get(i, 0) for i in range(32)]
+        return struct.pack("<32HBBI", *phy, self.phy.partner_up, self.phy.an_done, self.io_addr)
+
+    def load_state(self, data: bytes) -> None:
+        if len(data) != struct.calcsize("<32HBBI"):
+            raise DeviceError("bad e1000 state", errno.EINVAL)
+        *phy, partner, an_done, io_addr = struct.unpack("<32HBBI", data)
+        self.phy.regs = {i: phy[i] for i in self.phy.regs}
+        self.phy.partner_up, self.phy.an_done = bool(partner), bool(an_done)
+        self.io_addr = io_addr & (BAR0_SIZE - 4)
+        self._filter = None

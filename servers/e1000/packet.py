@@ -191,14 +191,6 @@ def pad(frame: bytes | bytearray) -> bytes | bytearray:
     return frame
 
 
-def size_bucket(prefix: str, size: int) -> str:
-    """The PRCnn/PTCnn counter for a frame of ``size`` bytes with FCS (SDM 13.7)."""
-    for limit in (64, 127, 255, 511, 1023):
-        if size <= limit:
-            return f"{prefix}{limit}"
-    return f"{prefix}1522"
-
-
 # -- receive ------------------------------------------------------------------
 
 # RCTL fields used for filtering (SDM 13.4.22)
@@ -283,17 +275,26 @@ RXCSUM_TUOFL = 1 << 9
 def rx_checksum(frame: bytes, rxcsum: int) -> tuple[int, int, int]:
     """(status bits, error bits, packet checksum) for a received frame
     (SDM 3.2.9 and 13.4.41 RXCSUM). Without IPOFL/TUOFL the device says
-    "ignore checksum" (IXSM). ``frame`` is untagged."""
+    "ignore checksum" (IXSM). ``frame`` is untagged.
+
+    Summing a frame is the costly part, so each byte is summed once: the
+    packet checksum (from PCSS to the end) reuses the TCP/UDP segment's sum
+    when the segment starts at an even offset after PCSS."""
     pcss = rxcsum & 0xFF
-    pkt_sum = fold(inet_sum(frame[pcss:])) if pcss < len(frame) else 0
-    if not rxcsum & (RXCSUM_IPOFL | RXCSUM_TUOFL):
-        return RXD_STAT_IXSM, 0, pkt_sum
     status = errors = 0
-    if len(frame) < ETH_HLEN + 20 or struct.unpack_from(">H", frame, 12)[0] != 0x0800:
-        return status, errors, pkt_sum
+    l4_span: tuple[int, int, int] | None = None  # (start, end, sum)
+    if not rxcsum & (RXCSUM_IPOFL | RXCSUM_TUOFL):
+        status = RXD_STAT_IXSM
+    elif len(frame) >= ETH_HLEN + 20 and frame[12:14] == b"\x08\x00":
+        status, errors, l4_span = _ipv4_checks(frame, rxcsum)
+    return status, errors, _packet_sum(frame, pcss, l4_span)
+
+
+def _ipv4_checks(frame: bytes, rxcsum: int) -> tuple[int, int, tuple[int, int, int] | None]:
+    status = errors = 0
     ihl = (frame[ETH_HLEN] & 0x0F) * 4
     if frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or ETH_HLEN + ihl > len(frame):
-        return status, errors, pkt_sum
+        return status, errors, None
     ip = frame[ETH_HLEN:ETH_HLEN + ihl]
     if rxcsum & RXCSUM_IPOFL:
         status |= RXD_STAT_IPCS
@@ -302,14 +303,27 @@ def rx_checksum(frame: bytes, rxcsum: int) -> tuple[int, int, int]:
     total = struct.unpack_from(">H", ip, 2)[0]
     proto = ip[9]
     fragmented = struct.unpack_from(">H", ip, 6)[0] & 0x3FFF
-    end = ETH_HLEN + total
-    if (rxcsum & RXCSUM_TUOFL and proto in (6, 17) and not fragmented
-            and ETH_HLEN + ihl + 8 <= end <= len(frame)):
-        l4 = frame[ETH_HLEN + ihl:end]
-        if proto == 17 and struct.unpack_from(">H", l4, 6)[0] == 0:
-            return status, errors, pkt_sum  # UDP without checksum
-        pseudo = ip[12:20] + struct.pack(">HH", proto, len(l4))
-        status |= RXD_STAT_TCPCS
-        if fold(inet_sum(l4, inet_sum(pseudo))) != 0xFFFF:
-            errors |= RXD_ERR_TCPE
-    return status, errors, pkt_sum
+    start, end = ETH_HLEN + ihl, ETH_HLEN + total
+    if not (rxcsum & RXCSUM_TUOFL and proto in (6, 17) and not fragmented
+            and start + 8 <= end <= len(frame)):
+        return status, errors, None
+    l4 = frame[start:end]
+    l4_sum = inet_sum(l4)
+    if proto == 17 and l4[6:8] == b"\0\0":
+        return status, errors, (start, end, l4_sum)  # UDP without checksum
+    pseudo = ip[12:20] + struct.pack(">HH", proto, len(l4))
+    status |= RXD_STAT_TCPCS
+    if fold(inet_sum(pseudo, l4_sum)) != 0xFFFF:
+        errors |= RXD_ERR_TCPE
+    return status, errors, (start, end, l4_sum)
+
+
+def _packet_sum(frame: bytes, pcss: int, l4_span: tuple[int, int, int] | None) -> int:
+    """The ones'-complement sum from PCSS to the end (the descriptor's checksum field)."""
+    if pcss >= len(frame):
+        return 0
+    if l4_span is not None:
+        start, end, l4_sum = l4_span
+        if pcss <= start and (start - pcss) % 2 == 0 and (end - start) % 2 == 0:
+            return fold(inet_sum(frame[pcss:start], l4_sum) + inet_sum(frame[end:]))
+    return fold(inet_sum(frame[pcss:]))

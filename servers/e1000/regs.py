@@ -1,36 +1,18 @@
-"""The 82540EM register file, each register declared once (8254x SDM ch. 13).
+"""The 82540EM register file, each register declared once (8254x SDM ch. 13),
+as an ``xdevproto.pci`` register layout for BAR0.
 
-A :class:`Reg` gives offset, name, access kind, reset value, writable mask
-and the SDM section; a register whose access has a side effect names the
-:class:`~servers.e1000.nic.E1000` method that carries it out (``on_read`` /
-``on_write``). Everything not declared reads 0 and ignores writes, as the
+Each :class:`~xdevproto.pci.Reg` gives offset, name, access kind, reset
+value, writable mask and the SDM section; a register whose access has a side
+effect names the :class:`~servers.e1000.device.E1000Device` method that
+carries it out. Everything not declared reads 0 and ignores writes, as the
 reserved space of the real part does.
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
+from xdevproto.pci import Access, Reg, RegisterLayout
 
-
-class Access(enum.Enum):
-    RW = "rw"
-    RO = "ro"  # writes ignored
-    WO = "wo"  # reads return 0
-    RC = "rc"  # clear on read (statistics, ICR)
-
-
-@dataclass(frozen=True, slots=True)
-class Reg:
-    offset: int
-    name: str
-    access: Access = Access.RW
-    reset: int = 0
-    mask: int = 0xFFFFFFFF
-    section: str = ""
-    on_read: str | None = None
-    on_write: str | None = None
-
+BAR0_SIZE = 0x20000
 
 # Offsets used by code (SDM table 13-2).
 CTRL, STATUS, EECD, EERD, CTRL_EXT, MDIC = 0x0000, 0x0008, 0x0010, 0x0014, 0x0018, 0x0020
@@ -90,78 +72,76 @@ RDTR_FPD = 1 << 31
 
 
 def _regs() -> list[Reg]:
+    causes = ICR_CAUSES
     r = [
         Reg(CTRL, "CTRL", reset=0x00140240,  # SWDPIN2|SWDPIN0|SPEED 1000|SLU
-            section="13.4.1",
-            on_write="write_ctrl"),
-        Reg(STATUS, "STATUS", Access.RO, section="13.4.2", on_read="read_status"),
-        Reg(EECD, "EECD", section="13.4.3", on_read="read_eecd", on_write="write_eecd"),
-        Reg(EERD, "EERD", section="13.4.4", on_write="write_eerd"),
-        Reg(CTRL_EXT, "CTRL_EXT", mask=0x00F0FFFF & ~CTRL_EXT_EE_RST, section="13.4.6",
+            spec="13.4.1", on_write="write_ctrl"),
+        Reg(STATUS, "STATUS", Access.RO, spec="13.4.2", on_read="read_status"),
+        Reg(EECD, "EECD", spec="13.4.3", on_read="read_eecd", on_write="write_eecd"),
+        Reg(EERD, "EERD", spec="13.4.4", on_write="write_eerd"),
+        Reg(CTRL_EXT, "CTRL_EXT", mask=0x00F0FFFF & ~CTRL_EXT_EE_RST, spec="13.4.6",
             on_write="write_ctrl_ext"),
-        Reg(0x001C, "FLA", section="13.4.5"),
-        Reg(MDIC, "MDIC", section="13.4.7", on_write="write_mdic"),
-        Reg(FCAL, "FCAL", reset=0x00C28001, section="13.4.8"),
-        Reg(FCAH, "FCAH", reset=0x0100, mask=0xFFFF, section="13.4.9"),
-        Reg(FCT, "FCT", reset=0x8808, mask=0xFFFF, section="13.4.10"),
-        Reg(VET, "VET", reset=0x8100, mask=0xFFFF, section="13.4.11", on_write="filter_changed"),
-        Reg(FCTTV, "FCTTV", mask=0xFFFF, section="13.4.12"),
-        Reg(TXCW, "TXCW", section="13.4.13"),
-        Reg(RXCW, "RXCW", Access.RO, section="13.4.14"),
-        Reg(LEDCTL, "LEDCTL", reset=0x07068302, section="13.4.15"),
-        Reg(PBA, "PBA", reset=0x00100030, mask=0xFFFF, section="13.4.16"),
-        Reg(ICR, "ICR", Access.RC, section="13.4.17", on_read="read_icr", on_write="write_icr"),
-        Reg(ITR, "ITR", mask=0xFFFF, section="13.4.18", on_write="update_irq"),
-        Reg(ICS, "ICS", section="13.4.19", on_read="read_ics", on_write="write_ics"),
-        Reg(IMS, "IMS", mask=ICR_CAUSES, section="13.4.20", on_write="write_ims"),
-        Reg(IMC, "IMC", Access.WO, mask=ICR_CAUSES, section="13.4.21", on_write="write_imc"),
-        Reg(RCTL, "RCTL", mask=0x07FFFFFE, section="13.4.22",
-            on_write="filter_changed"),
-        Reg(FCRTL, "FCRTL", mask=0x8000FFF8, section="13.4.23"),
-        Reg(FCRTH, "FCRTH", mask=0xFFF8, section="13.4.24"),
-        Reg(RDBAL, "RDBAL", mask=0xFFFFFFF0, section="13.4.25"),
-        Reg(RDBAH, "RDBAH", section="13.4.26"),
-        Reg(RDLEN, "RDLEN", mask=0x000FFF80, section="13.4.27"),
-        Reg(RDH, "RDH", mask=0xFFFF, section="13.4.28"),
-        Reg(RDT, "RDT", mask=0xFFFF, section="13.4.29", on_write="write_rdt"),
-        Reg(RDTR, "RDTR", mask=0xFFFF, section="13.4.30", on_write="write_rdtr"),
-        Reg(RXDCTL, "RXDCTL", reset=0x00010000, mask=0x013F3F3F, section="13.4.31"),
-        Reg(RADV, "RADV", mask=0xFFFF, section="13.4.32"),
-        Reg(RSRPD, "RSRPD", mask=0xFFF, section="13.4.33"),
-        Reg(TCTL, "TCTL", reset=0x00000008, mask=0x03FFFFFA, section="13.4.33",
+        Reg(0x001C, "FLA", spec="13.4.5"),
+        Reg(MDIC, "MDIC", spec="13.4.7", on_write="write_mdic"),
+        Reg(FCAL, "FCAL", reset=0x00C28001, spec="13.4.8"),
+        Reg(FCAH, "FCAH", reset=0x0100, mask=0xFFFF, spec="13.4.9"),
+        Reg(FCT, "FCT", reset=0x8808, mask=0xFFFF, spec="13.4.10"),
+        Reg(VET, "VET", reset=0x8100, mask=0xFFFF, spec="13.4.11", on_write="filter_changed"),
+        Reg(FCTTV, "FCTTV", mask=0xFFFF, spec="13.4.12"),
+        Reg(TXCW, "TXCW", spec="13.4.13"),
+        Reg(RXCW, "RXCW", Access.RO, spec="13.4.14"),
+        Reg(LEDCTL, "LEDCTL", reset=0x07068302, spec="13.4.15"),
+        Reg(PBA, "PBA", reset=0x00100030, mask=0xFFFF, spec="13.4.16"),
+        # ICR: every read clears it on the 82540 (the hook does, so the line
+        # drops with it); writing 1s clears causes too.
+        Reg(ICR, "ICR", Access.RW1C, mask=causes, spec="13.4.17", on_read="read_icr",
+            on_write="update_irq"),
+        Reg(ITR, "ITR", mask=0xFFFF, spec="13.4.18", on_write="update_irq"),
+        Reg(ICS, "ICS", mask=causes, spec="13.4.19", on_read="read_ics", on_write="write_ics"),
+        Reg(IMS, "IMS", Access.RW1S, mask=causes, spec="13.4.20", on_write="update_irq"),
+        Reg(IMC, "IMC", Access.WO, mask=causes, spec="13.4.21", on_write="write_imc"),
+        Reg(RCTL, "RCTL", mask=0x07FFFFFE, spec="13.4.22", on_write="filter_changed"),
+        Reg(FCRTL, "FCRTL", mask=0x8000FFF8, spec="13.4.23"),
+        Reg(FCRTH, "FCRTH", mask=0xFFF8, spec="13.4.24"),
+        Reg(RDBAL, "RDBAL", mask=0xFFFFFFF0, spec="13.4.25", on_write="rx_ring_changed"),
+        Reg(RDBAH, "RDBAH", spec="13.4.26", on_write="rx_ring_changed"),
+        Reg(RDLEN, "RDLEN", mask=0x000FFF80, spec="13.4.27", on_write="rx_ring_changed"),
+        Reg(RDH, "RDH", mask=0xFFFF, spec="13.4.28", on_write="rx_ring_changed"),
+        Reg(RDT, "RDT", mask=0xFFFF, spec="13.4.29"),
+        Reg(RDTR, "RDTR", mask=0xFFFF, spec="13.4.30", on_write="write_rdtr"),
+        Reg(RXDCTL, "RXDCTL", reset=0x00010000, mask=0x013F3F3F, spec="13.4.31"),
+        Reg(RADV, "RADV", mask=0xFFFF, spec="13.4.32"),
+        Reg(RSRPD, "RSRPD", mask=0xFFF, spec="13.4.33"),
+        Reg(TCTL, "TCTL", reset=0x00000008, mask=0x03FFFFFA, spec="13.4.33",
             on_write="write_tctl"),
-        Reg(TIPG, "TIPG", reset=0x00602008, mask=0x3FFFFFFF, section="13.4.34"),
-        Reg(0x0458, "AIFS", mask=0xFFFF, section="13.4.35"),
-        Reg(TXDMAC, "TXDMAC", reset=1, mask=1, section="13.4.39"),
-        Reg(TDBAL, "TDBAL", mask=0xFFFFFFF0, section="13.4.40"),
-        Reg(TDBAH, "TDBAH", section="13.4.41"),
-        Reg(TDLEN, "TDLEN", mask=0x000FFF80, section="13.4.42"),
-        Reg(TDH, "TDH", mask=0xFFFF, section="13.4.43"),
-        Reg(TDT, "TDT", mask=0xFFFF, section="13.4.44", on_write="write_tdt"),
-        Reg(TIDV, "TIDV", mask=0xFFFF, section="13.4.45"),
-        Reg(TXDCTL, "TXDCTL", reset=0x00010000, mask=0x013F3F3F, section="13.4.46"),
-        Reg(TADV, "TADV", mask=0xFFFF, section="13.4.47"),
-        Reg(TSPMT, "TSPMT", reset=0x01000400, section="13.4.48"),
-        Reg(RXCSUM, "RXCSUM", reset=0x0300, mask=0x03FF, section="13.4.49"),
-        Reg(WUC, "WUC", section="13.6.1"),
-        Reg(WUFC, "WUFC", section="13.6.2"),
-        Reg(WUS, "WUS", section="13.6.3"),
-        Reg(MANC, "MANC", section="13.6.5"),
+        Reg(TIPG, "TIPG", reset=0x00602008, mask=0x3FFFFFFF, spec="13.4.34"),
+        Reg(0x0458, "AIFS", mask=0xFFFF, spec="13.4.35"),
+        Reg(TXDMAC, "TXDMAC", reset=1, mask=1, spec="13.4.39"),
+        Reg(TDBAL, "TDBAL", mask=0xFFFFFFF0, spec="13.4.40"),
+        Reg(TDBAH, "TDBAH", spec="13.4.41"),
+        Reg(TDLEN, "TDLEN", mask=0x000FFF80, spec="13.4.42"),
+        Reg(TDH, "TDH", mask=0xFFFF, spec="13.4.43"),
+        Reg(TDT, "TDT", mask=0xFFFF, spec="13.4.44", on_write="write_tdt"),
+        Reg(TIDV, "TIDV", mask=0xFFFF, spec="13.4.45"),
+        Reg(TXDCTL, "TXDCTL", reset=0x00010000, mask=0x013F3F3F, spec="13.4.46"),
+        Reg(TADV, "TADV", mask=0xFFFF, spec="13.4.47"),
+        Reg(TSPMT, "TSPMT", reset=0x01000400, spec="13.4.48"),
+        Reg(RXCSUM, "RXCSUM", reset=0x0300, mask=0x03FF, spec="13.4.49"),
+        Reg(WUC, "WUC", spec="13.6.1"),
+        Reg(WUFC, "WUFC", spec="13.6.2"),
+        Reg(WUS, "WUS", spec="13.6.3"),
+        Reg(MANC, "MANC", spec="13.6.5"),
+        Reg(MTA, "MTA", count=128, spec="13.5.1", on_write="filter_changed"),
+        Reg(RAL, "RAL", count=16, stride=8, spec="13.5.2", on_write="filter_changed"),
+        Reg(RAL + 4, "RAH", count=16, stride=8, mask=0x8003FFFF, spec="13.5.3",
+            on_write="filter_changed"),
+        Reg(VFTA, "VFTA", count=128, spec="13.5.4", on_write="filter_changed"),
     ]
-    r += [Reg(MTA + 4 * i, f"MTA{i}", section="13.5.1", on_write="filter_changed")
-          for i in range(128)]
-    for i in range(16):
-        r.append(Reg(RAL + 8 * i, f"RAL{i}", section="13.5.2", on_write="filter_changed"))
-        r.append(Reg(RAL + 8 * i + 4, f"RAH{i}", mask=0x8003FFFF, section="13.5.3",
-                     on_write="filter_changed"))
-    r += [Reg(VFTA + 4 * i, f"VFTA{i}", section="13.5.4", on_write="filter_changed")
-          for i in range(128)]
     lows = set(STAT_PAIRS.values())
-    r += [Reg(off, name, Access.RO if name in lows else Access.RC, section="13.7",
-              on_read="read_stat_pair" if name in STAT_PAIRS else None)
+    r += [Reg(off, name, Access.RO if name in lows else Access.RC, spec="13.7",
+              on_read=f"read_{name.lower()}" if name in STAT_PAIRS else None)
           for name, off in STATS.items()]
     return r
 
 
-REGISTERS: dict[int, Reg] = {reg.offset: reg for reg in _regs()}
-BY_NAME: dict[str, Reg] = {reg.name: reg for reg in REGISTERS.values()}
+LAYOUT = RegisterLayout("e1000", BAR0_SIZE, _regs())

@@ -26,7 +26,7 @@ from . import regs as R
 from .packet import OffloadError, TxContext
 
 if TYPE_CHECKING:
-    from .nic import E1000
+    from .device import E1000Device
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ POPTS_TXSM = 0x02
 
 
 class Transmitter:
-    def __init__(self, nic: E1000) -> None:
+    def __init__(self, nic: E1000Device) -> None:
         self.nic = nic
         self.busy = False
         self.reset()
@@ -67,7 +67,7 @@ class Transmitter:
     def kick(self) -> None:
         """Process the ring (called with the NIC lock held)."""
         nic = self.nic
-        regs = nic.regs
+        regs = nic.r
         if self.busy or not regs[R.TCTL] & R.TCTL_EN:
             return  # re-entry (never expected: DMA cannot reach our registers)
         n = regs[R.TDLEN] // DESC
@@ -79,40 +79,50 @@ class Transmitter:
             if head >= n:
                 head = 0  # a head past the ring would never meet the tail
             base = regs[R.TDBAH] << 32 | regs[R.TDBAL]
-            rs_seen = ide_only = False
+            rs_seen = immediate = False
             done = 0
             while head != tail and done < n:
                 count = min((tail - head) % n if tail < n else n - head, n - head, n - done)
+                addr = base + head * DESC
                 try:
-                    raw = nic.dma.read(base + head * DESC, count * DESC)
+                    raw = nic.mem.read(addr, count * DESC)
                 except VfioUserError as exc:
-                    log.warning("TX ring at %#x unreadable: %s", base + head * DESC, exc)
+                    log.warning("TX ring at %#x unreadable: %s", addr, exc)
                     break
+                report = []
                 for i in range(count):
-                    desc = raw[i * DESC:(i + 1) * DESC]
-                    cmd = self._descriptor(desc)
+                    cmd = self._descriptor(raw[i * DESC:(i + 1) * DESC])
                     if cmd & CMD_RS:
-                        self._write_status(base + (head + i) * DESC)
-                        rs_seen = True
-                        ide_only = ide_only or bool(cmd & CMD_IDE)
+                        report.append(i)
+                        immediate = immediate or not cmd & CMD_IDE
+                if report:
+                    rs_seen = True
+                    self._write_status(addr, raw, report)
                 head = (head + count) % n
                 done += count
                 regs[R.TDH] = head
-            regs[R.TDH] = head
         finally:
             self.busy = False
         if rs_seen:
-            if ide_only:
-                nic.delayed_cause(R.ICR_TXDW, "tidv", "tadv", regs[R.TIDV], regs[R.TADV])
-            else:
+            if immediate:
                 nic.raise_cause(R.ICR_TXDW)
+            else:  # every reporting descriptor asked for a delayed interrupt (IDE)
+                nic.delayed_cause(R.ICR_TXDW, "tidv", "tadv", regs[R.TIDV], regs[R.TADV])
         if head == tail:
             nic.raise_cause(R.ICR_TXQE)
         self._deliver_loopback()
 
-    def _write_status(self, addr: int) -> None:
+    def _write_status(self, addr: int, raw: bytes, report: list[int]) -> None:
+        """Set DD in the status byte of each RS descriptor of a stretch, in
+        one write from the first to the last of them. The other bytes go back
+        as they were read: the guest does not own these descriptors until it
+        sees DD, so nothing it wrote can be overwritten."""
+        first, last = report[0], report[-1]
+        out = bytearray(raw[first * DESC:(last + 1) * DESC])
+        for i in report:
+            out[(i - first) * DESC + 12] |= STA_DD
         try:
-            self.nic.dma.write(addr + 12, bytes([STA_DD]))
+            self.nic.mem.write(addr + first * DESC, out)
         except VfioUserError as exc:
             log.warning("TX status write-back at %#x failed: %s", addr, exc)
 
@@ -145,7 +155,7 @@ class Transmitter:
             self.oversize = True
             return
         try:
-            self.buf += self.nic.dma.read(addr, length)
+            self.buf += self.nic.mem.read(addr, length)
         except VfioUserError:
             self.bad_dma = True
 
@@ -192,11 +202,11 @@ class Transmitter:
 
     def _emit(self, frame: bytearray, cmd: int, special: int) -> None:
         nic = self.nic
-        if cmd & CMD_VLE and nic.regs[R.CTRL] & R.CTRL_VME:
-            frame = packet.insert_vlan(frame, nic.regs[R.VET], special)
-        out = bytes(packet.pad(frame)) if nic.regs[R.TCTL] & R.TCTL_PSP else bytes(frame)
+        if cmd & CMD_VLE and nic.r[R.CTRL] & R.CTRL_VME:
+            frame = packet.insert_vlan(frame, nic.r[R.VET], special)
+        out = bytes(packet.pad(frame)) if nic.r[R.TCTL] & R.TCTL_PSP else bytes(frame)
         nic.count_frame(False, out)
-        if nic.regs[R.RCTL] & R.RCTL_LBM_MAC == R.RCTL_LBM_MAC or nic.phy.loopback:
+        if nic.r[R.RCTL] & R.RCTL_LBM_MAC == R.RCTL_LBM_MAC or nic.phy.loopback:
             if len(self.loopback) < MAX_LOOPBACK:
                 self.loopback.append(out)
             return

@@ -77,7 +77,7 @@ class Driver:
 
     @property
     def irq_level(self) -> bool:
-        return self.dev.intx.level
+        return self.dev.irq_level
 
     # -- rings ------------------------------------------------------------------------
     def setup_tx(self, n: int = 16) -> None:

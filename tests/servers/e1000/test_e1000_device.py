@@ -147,12 +147,12 @@ def test_phy_other_address_errors(drv: Driver) -> None:
 def test_link_follows_backend_with_lsc(drv: Driver) -> None:
     drv.wr(R.IMS, R.ICR_LSC)
     drv.rd(R.ICR)
-    drv.dev.nic.set_partner(False)
+    drv.dev.set_partner(False)
     assert not drv.rd(R.STATUS) & R.STATUS_LU
     assert not mdic(drv, 2, 1) & 0x4
     assert drv.irq_level
     assert drv.rd(R.ICR) & R.ICR_LSC
-    drv.dev.nic.set_partner(True)
+    drv.dev.set_partner(True)
     assert drv.rd(R.STATUS) & R.STATUS_LU
     assert drv.rd(R.ICR) & R.ICR_LSC
 

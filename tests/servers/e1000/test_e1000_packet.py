@@ -148,3 +148,11 @@ def test_phy_link_down_clears_status() -> None:
     assert p.read(1) & 0x24 == 0 and not p.link_up
     assert mdic_access(p, 2 << 26 | 1 << 21 | 1 << 16) & 0xFFFF == p.read(1)
     assert mdic_access(p, 3 << 26 | 1 << 21) & (1 << 30), "opcode 3 is an error"
+
+
+@given(st.binary(max_size=1500), st.sampled_from([0, 14, 15, 34]), st.booleans())
+def test_packet_checksum_field_is_sum_from_pcss(payload: bytes, pcss: int, tcp: bool) -> None:
+    frame = tcp_frame(payload, dst=MAC) if tcp else udp_frame(payload, dst=MAC)
+    frame += b"\x07" * (len(payload) % 3)  # trailing bytes beyond the IP datagram
+    _, _, pkt_sum = packet.rx_checksum(frame, 0x300 | pcss)
+    assert pkt_sum == ones(frame[pcss:])
