@@ -412,3 +412,5 @@ class E1000Device(PciDevice):
         self.phy.partner_up, self.phy.an_done = bool(partner), bool(an_done)
         self.io_addr = io_addr & (BAR0_SIZE - 4)
         self._filter = None
+        self.rx.ring_changed()
+        self.tx.reset()  # a frame half gathered at the source is not carried over
