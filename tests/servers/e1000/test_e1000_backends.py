@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import queue
+import shutil
 import socket
 import struct
 import subprocess
@@ -200,3 +202,78 @@ def test_tap_by_name_and_by_fd() -> None:
     finally:
         os.close(fd)
         subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
+
+
+def _icmp_echo(dst_mac: bytes, src_mac: bytes, src_ip: bytes, dst_ip: bytes) -> bytes:
+    def csum(data: bytes) -> int:
+        total = sum(struct.unpack(f">{len(data) // 2}H", data))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        return ~total & 0xFFFF
+
+    icmp = struct.pack(">BBHHH", 8, 0, 0, 0x4242, 1) + b"xdev-e1000 ping!" * 2
+    icmp = icmp[:2] + struct.pack(">H", csum(icmp)) + icmp[4:]
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0x4000, 64, 1, 0,
+                     src_ip, dst_ip)
+    ip = ip[:10] + struct.pack(">H", csum(ip)) + ip[12:]
+    return dst_mac + src_mac + b"\x08\x00" + ip + icmp
+
+
+@pytest.mark.skipif(not _tap_available() or not shutil.which("ip"),
+                    reason="needs root, /dev/net/tun and iproute2")
+def test_kernel_answers_ping_through_tap() -> None:
+    """The NIC on a tap device in a network namespace of our own: the
+    driver sends an ICMP echo request, the kernel's reply lands in the RX ring."""
+    import time
+
+    from e1000_driver import MAC, Driver
+
+    from servers.e1000 import regs as R
+
+    tag = uuid.uuid4().hex[:8]
+    name, ns = "xdt" + tag, "xdev-test-" + tag
+
+    def ip(*args: str) -> str:
+        return subprocess.run(["ip", *args], check=True, capture_output=True,
+                              text=True).stdout
+
+    fd = open_tap(name)
+    try:
+        ip("netns", "add", ns)
+    except subprocess.CalledProcessError as exc:
+        os.close(fd)
+        pytest.skip(f"cannot create a network namespace: {exc.stderr.strip()}")
+    try:
+        ip("link", "set", name, "netns", ns)
+        ip("-n", ns, "addr", "add", "10.77.0.1/24", "dev", name)
+        ip("-n", ns, "link", "set", name, "up")
+        ip("-n", ns, "neigh", "add", "10.77.0.2", "lladdr", MAC.hex(":"), "dev", name)
+        tap_mac = bytes.fromhex(json.loads(ip("-n", ns, "-j", "link", "show", name))[0]
+                                ["address"].replace(":", ""))
+        drv = Driver(backend=TapBackend(fd=fd))
+        fd = -1  # the back end owns it now
+        try:
+            drv.setup_rx(n=64)
+            drv.setup_tx()
+            drv.legacy(_icmp_echo(tap_mac, MAC, bytes([10, 77, 0, 2]), bytes([10, 77, 0, 1])))
+            drv.kick()
+            deadline = time.monotonic() + 10
+            reply = None
+            seen = 0
+            while reply is None:
+                assert time.monotonic() < deadline, "no echo reply from the kernel"
+                while seen < drv.rd(R.RDH):
+                    f = drv.rx_frame(seen)
+                    seen += 1
+                    if f[12:14] == b"\x08\x00" and f[23] == 1 and f[34] == 0:
+                        reply = f
+                time.sleep(0.01)
+            assert reply[:6] == MAC and reply[26:30] == bytes([10, 77, 0, 1])
+            assert struct.unpack_from(">HH", reply, 38) == (0x4242, 1)
+            assert reply[42:74] == b"xdev-e1000 ping!" * 2
+        finally:
+            drv.close()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
