@@ -42,11 +42,16 @@ class AhciDevice(PciDevice):
         self.device_reset()
 
     def close(self) -> None:
+        """Finish running work, make every completed write durable, close the images."""
         self.work.shutdown()
         for port in self.ports:
             drive = port.drive
             disk = drive.disk if drive is not None else None
             if disk is not None:
+                try:
+                    disk.flush()
+                except OSError as exc:
+                    self.log.error("flushing %s: %s", disk.path, exc)
                 disk.close()
 
     # -- HBA registers (AHCI 3.1) ------------------------------------------------------
