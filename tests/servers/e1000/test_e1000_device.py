@@ -547,3 +547,70 @@ def test_migration_round_trip() -> None:
     finally:
         src.close()
         dst.close()
+
+
+def test_linux_probe_sequence(drv: Driver) -> None:
+    """The register traffic of Linux e1000_probe/e1000_reset_hw/e1000_init_hw
+    and e1000_setup_copper_link on an 82540, in order, ending with link up."""
+    # e1000_reset_hw
+    drv.wr(R.IMC, 0xFFFFFFFF)
+    drv.wr(R.RCTL, 0)
+    drv.wr(R.TCTL, R.TCTL_PSP)
+    drv.rd(R.STATUS)
+    drv.wr(R.CTRL, drv.rd(R.CTRL) | R.CTRL_RST)
+    drv.wr(R.MANC, drv.rd(R.MANC) & ~(1 << 13))
+    drv.wr(R.IMC, 0xFFFFFFFF)
+    drv.rd(R.ICR)
+    # EEPROM: checksum and MAC (e1000_validate_eeprom_checksum, e1000_read_mac_addr)
+    words = [microwire_read(drv, w) for w in range(64)]
+    assert sum(words) & 0xFFFF == 0xBABA
+    mac = struct.pack("<3H", *words[:3])
+    assert mac == MAC
+    # e1000_init_hw: VET, VFTA, receive addresses, MTA, statistics
+    drv.wr(R.VET, 0)
+    for i in range(128):
+        drv.wr(R.VFTA + 4 * i, 0)
+    ral, rah = struct.unpack("<IH", mac)
+    drv.wr(R.RAL, ral)
+    drv.wr(R.RAL + 4, rah | R.RAH_AV)
+    for i in range(1, 16):
+        drv.wr(R.RAL + 8 * i, 0)
+        drv.wr(R.RAL + 8 * i + 4, 0)
+    for i in range(128):
+        drv.wr(R.MTA + 4 * i, 0)
+    # e1000_setup_link / e1000_setup_copper_link
+    assert words[0x0F] & 0x3000, "pause bits in Initialization Control 2"
+    drv.wr(R.FCAL, 0x00C28001)
+    drv.wr(R.FCAH, 0x0100)
+    drv.wr(R.FCT, 0x8808)
+    drv.wr(R.CTRL, (drv.rd(R.CTRL) | R.CTRL_SLU) & ~(0x1800))
+    ctrl = drv.rd(R.CTRL)
+    drv.wr(R.CTRL, ctrl | R.CTRL_PHY_RST)  # e1000_phy_hw_reset
+    assert not drv.rd(R.STATUS) & R.STATUS_LU, "link down while the PHY is in reset"
+    drv.wr(R.CTRL, ctrl)
+    phy_id = (mdic(drv, 2, 2) & 0xFFFF) << 16 | (mdic(drv, 2, 3) & 0xFFF0)
+    assert phy_id == 0x01410C20  # M88E1011_I_PHY_ID
+    mdic(drv, 1, 16, 0x0068 | 0x0060)  # M88 PSCR: auto MDI-X
+    mdic(drv, 1, 20, 0x0C60)
+    mdic(drv, 1, 0, mdic(drv, 2, 0) & 0xFFFF | 0x8000)  # commit with a PHY reset
+    mdic(drv, 1, 4, 0x0DE1)  # e1000_phy_setup_autoneg
+    mdic(drv, 1, 9, 0x0300)
+    mdic(drv, 1, 0, 0x1000 | 0x0200)
+    for _ in range(2):  # e1000_wait_autoneg reads twice
+        bmsr = mdic(drv, 2, 1) & 0xFFFF
+    assert bmsr & 0x0020 and bmsr & 0x0004
+    assert mdic(drv, 2, 17) & 0xAC00 == 0xAC00, "M88 PSSR: 1000 FD, resolved, link"
+    status = drv.rd(R.STATUS)
+    assert status & R.STATUS_LU and status & R.STATUS_FD and status & 0xC0 == 0x80
+    # e1000_clear_hw_cntrs reads every counter; reading again finds zeros
+    for off in range(0x4000, 0x4100, 4):
+        drv.rd(off)
+    assert all(drv.rd(off) == 0 for off in range(0x4000, 0x4100, 4))
+    # e1000_configure_tx/rx and traffic
+    drv.setup_tx()
+    drv.setup_rx(rctl=R.RCTL_EN | (1 << 15) | (1 << 26))  # SECRC as Linux sets it
+    drv.wr(R.IMS, R.ICR_TXDW | R.ICR_RXT0 | R.ICR_LSC | R.ICR_RXO | R.ICR_RXDMT0)
+    drv.legacy(tcp_frame(b"hello" * 20))
+    drv.kick()
+    assert backend(drv).sent == [tcp_frame(b"hello" * 20)]
+    assert drv.irq_level
