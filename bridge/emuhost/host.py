@@ -36,7 +36,7 @@ from bridge.emuhost.image import (
 )
 from bridge.emuhost.machine import BootConfig, Share, check_shares, qemu_command, repo_root
 from bridge.emuhost.recipe import Recipe
-from bridge.emuhost.session import HostSession, RunResult
+from bridge.emuhost.session import HostSession, MachineLock, RunResult
 
 
 @dataclass
@@ -85,8 +85,13 @@ class EmuHost:
         """Boot the host; jobs go to the returned session (close it, or use ``with``)."""
         self._check_qemu()
         image = self.ensure_image()
-        return HostSession(image, self.boot, results_dir or self.new_results_dir(),
-                           check_shares(shares or {}), log=self.log)
+        checked = check_shares(shares or {})
+        directory = results_dir or self.new_results_dir()
+        lock = None
+        if self.boot.exclusive:
+            lock = MachineLock(self.cache_dir / "machine.lock",
+                               wait_s=self.boot.exclusive_wait_s, log=self.log)
+        return HostSession(image, self.boot, directory, checked, log=self.log, lock=lock)
 
     def run(
         self,

@@ -46,6 +46,10 @@ class BootConfig:
     #: From QEMU's start to dom0 ready for jobs: ~30 s idle, 120 s seen with
     #: two emulated hosts sharing two cores.
     boot_timeout_s: float = 420.0
+    #: Queue behind other emulated hosts using the same cache (see
+    #: session.MachineLock); how long to wait for them.
+    exclusive: bool = True
+    exclusive_wait_s: float = 3600.0
 
     def xen_cmdline(self) -> str:
         mem = f"dom0_mem={self.dom0_memory_mb}M,max:{self.dom0_memory_mb}M"

@@ -15,7 +15,7 @@ from bridge.emuhost import session as session_module
 from bridge.emuhost.errors import BootError
 from bridge.emuhost.image import Image
 from bridge.emuhost.machine import BootConfig
-from bridge.emuhost.session import HostSession
+from bridge.emuhost.session import HostSession, MachineLock
 
 FAKE_QEMU = Path(__file__).with_name("fake_qemu.py")
 
@@ -98,3 +98,19 @@ def test_boot_that_never_comes_up_times_out(
         result = session.run("true", timeout=60)
         assert result.timed_out
         assert session._proc.poll() is not None
+
+
+def test_machine_lock_queues_a_second_host(tmp_path: Path) -> None:
+    first = MachineLock(tmp_path / "machine.lock", wait_s=1)
+    with pytest.raises(BootError, match="another emulated host"):
+        MachineLock(tmp_path / "machine.lock", wait_s=0.2, log=lambda _m: None)
+    first.release()
+    MachineLock(tmp_path / "machine.lock", wait_s=0.2).release()
+
+
+def test_session_releases_the_machine_lock_on_close(tmp_path: Path, boot: BootConfig) -> None:
+    lock = MachineLock(tmp_path / "machine.lock", wait_s=1)
+    with HostSession(_image(tmp_path), boot, tmp_path / "run", {}, log=lambda _m: None,
+                     lock=lock) as session:
+        assert session.run("true", timeout=5).ok
+    MachineLock(tmp_path / "machine.lock", wait_s=0.2).release()
