@@ -319,6 +319,14 @@ class AtaDisk:
         with self._lock:
             self._ncq_error = bytes(page)
 
+    def ncq_error_log(self) -> bytes:
+        with self._lock:
+            return self._ncq_error or b""
+
+    def restore_ncq_error_log(self, page: bytes) -> None:
+        with self._lock:
+            self._ncq_error = page or None
+
     @property
     def ncq_error_pending(self) -> bool:
         with self._lock:

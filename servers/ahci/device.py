@@ -13,18 +13,23 @@ MSI sends one message per port event.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 
+from xdevproto.errors import DeviceError
 from xdevproto.pci import Bar, Identity, MsiCap, PciDevice, PmCap
+from xdevproto.pci.migration import Reader
 from xdevproto.wire import IrqIndex
 
 from . import regs as R
 from .ata import AtaDisk
-from .atapi import AtapiCdrom
+from .atapi import AtapiCdrom, Sense
 from .port import Drive, Port
 
 ICH9_AHCI = Identity(vendor_id=0x8086, device_id=0x2922, class_code=0x010601, revision=0x02,
                      subsystem_vendor_id=0x1AF4, subsystem_id=0x1100)
+
+_STATE_VERSION = 1
 
 
 class AhciDevice(PciDevice):
@@ -144,6 +149,78 @@ class AhciDevice(PciDevice):
             self.abar["PxCI", index] = old  # 3.3.14: ignored unless ST is set
             return
         port.issue(value & ~old)
+
+    # -- unimplemented ports (AHCI 3.3: their registers are reserved) ---------------
+    def _past_ports(self, index: int, offset: int) -> bool:
+        end = R.PORT_BASE + R.PORT_STRIDE * len(self.ports)
+        return index == 5 and end <= offset < R.PORT_BASE + R.PORT_STRIDE * R.MAX_PORTS
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        if self._past_ports(index, offset):
+            return bytes(count)
+        return super().region_read(index, offset, count)
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        if not self._past_ports(index, offset):
+            super().region_write(index, offset, data)
+
+    # -- migration: state beyond the registers ------------------------------------------
+    def save_state(self) -> bytes:
+        """Per port: halt/SRST flags and the drive's settings (work was drained by STOP)."""
+        out = bytearray((_STATE_VERSION, len(self.ports)))
+        for port in self.ports:
+            out += bytes((port.halted | port.srst << 1,))
+            drive = port.drive
+            if isinstance(drive, AtaDisk):
+                log = drive.ncq_error_log()
+                out += bytes((1, drive.disk.write_cache, drive.udma_mode, drive.standby))
+                out += len(log).to_bytes(2, "little") + log
+            elif isinstance(drive, AtapiCdrom):
+                out += bytes((2, drive.sense.key, drive.sense.asc, drive.sense.ascq))
+            else:
+                out += b"\0"
+        return bytes(out)
+
+    def load_state(self, data: bytes) -> None:
+        """Restore :meth:`save_state` bytes, every field checked (CVE-2013-4526 pattern)."""
+        r = Reader(data)
+        if r.u8() != _STATE_VERSION or r.u8() != len(self.ports):
+            raise DeviceError("AHCI state: wrong version or port count", errno.EINVAL)
+        staged: list[tuple[Port, int, tuple[int, ...], bytes]] = []
+        for port in self.ports:
+            flags, kind = r.u8(), r.u8()
+            if flags > 3:
+                raise DeviceError("AHCI state: bad port flags", errno.EINVAL)
+            drive = port.drive
+            expect = 1 if isinstance(drive, AtaDisk) else 2 if isinstance(drive, AtapiCdrom) else 0
+            if kind != expect:
+                raise DeviceError(f"AHCI state: port {port.i} drive differs", errno.EINVAL)
+            fields: tuple[int, ...] = ()
+            log = b""
+            if kind == 1:
+                fields = (r.u8(), r.u8(), r.u8())
+                if fields[0] > 1 or fields[1] > 6 or fields[2] > 1:
+                    raise DeviceError("AHCI state: bad disk settings", errno.EINVAL)
+                log = r.take(r.u16())
+                if len(log) not in (0, 512):
+                    raise DeviceError("AHCI state: bad NCQ error log", errno.EINVAL)
+            elif kind == 2:
+                fields = (r.u8(), r.u8(), r.u8())
+                if fields[0] > 0xF:
+                    raise DeviceError("AHCI state: bad sense key", errno.EINVAL)
+            staged.append((port, flags, fields, log))
+        r.end()
+        for port, flags, fields, log in staged:  # nothing changes unless all of it is valid
+            port.gen += 1
+            port.queue.clear()
+            port.halted, port.srst = bool(flags & 1), bool(flags & 2)
+            drive = port.drive
+            if isinstance(drive, AtaDisk):
+                drive.disk.write_cache, drive.udma_mode = bool(fields[0]), fields[1]
+                drive.standby = bool(fields[2])
+                drive.restore_ncq_error_log(log)
+            elif isinstance(drive, AtapiCdrom):
+                drive.sense = Sense(*fields)
 
     # -- interrupts ----------------------------------------------------------------------
     def port_interrupt(self, index: int) -> None:

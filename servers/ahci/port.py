@@ -34,7 +34,7 @@ from xdevproto.pci.dma import DmaError, GuestMemory, SgEntry
 
 from . import fis as F
 from . import regs as R
-from .ata import NCQ_COMMANDS, AtaDisk, Outcome, TaskFile
+from .ata import NCQ_COMMANDS, AtaDisk, Cmd, Outcome, TaskFile
 from .atapi import AtapiCdrom
 from .disk import SECTOR, DiskError, DiskImage
 
@@ -228,7 +228,8 @@ class Port:
         if not 5 <= header.cfl <= 16:
             raise F.BadCommand(f"command FIS length {header.cfl} dwords")
         h2d = F.H2D.parse(dma.read(header.ctba, header.cfl * 4))
-        cdb = dma.read(header.ctba + F.CMD_TABLE_ACMD, 16) if header.atapi else b""
+        packet = header.atapi or h2d.tf.command == Cmd.PACKET
+        cdb = dma.read(header.ctba + F.CMD_TABLE_ACMD, 16) if packet else b""
         prdt = dma.read(header.ctba + F.CMD_TABLE_PRDT, header.prdtl * F.PRD_SIZE)
         sg, irq = F.parse_prdt(prdt)
         return Command(slot, header, h2d, cdb, sg, irq)

@@ -36,6 +36,7 @@ from servers.ahci.ata import AtaDisk, Identity
 from servers.ahci.atapi import AtapiCdrom
 from servers.ahci.disk import SECTOR, DiskImage, DiskSpec
 from servers.ahci.port import PrdtPhase
+from xdevproto.errors import DeviceError
 from xdevproto.wire import IrqIndex, SetIrqsFlags
 
 SECTORS = 4096
@@ -485,3 +486,57 @@ def test_prdt_phase_cut() -> None:
     phase = PrdtPhase(GuestMemory(), [SgEntry(0, 10), SgEntry(100, 10)])
     assert phase.length == 20
     assert phase._cut(15) == [SgEntry(0, 10), SgEntry(100, 5)]
+
+
+# -- unimplemented ports and migration ----------------------------------------------------
+def test_registers_past_the_ports_are_reserved(image: Path) -> None:
+    d = AhciDriver([AtaDisk(DiskImage(DiskSpec(str(image))))])
+    try:
+        d.pwr(3, 0x00, 0x12345000)
+        d.pwr(3, PxCMD, 0x11)
+        assert d.prd(3, 0x00) == 0 and d.prd(3, PxCMD) == 0 and d.prd(1, PxSSTS) == 0
+    finally:
+        d.close()
+
+
+def test_packet_command_without_a_bit_still_reads_acmd(drv: AhciDriver) -> None:
+    cdb = bytes([0x25]).ljust(16, b"\0")
+    drv.build(1, 0, h2d(0xA0), [(DATA_BASE, 8, False)])
+    drv.ram.write(drv.table(1, 0) + 0x40, cdb)
+    drv.issue(1, 1)
+    assert not drv.wait_done(1, 1) & TFES
+    assert struct.unpack(">I", drv.ram.read(DATA_BASE + 4, 4))[0] == 2048
+
+
+def test_migration_state_round_trip(drv: AhciDriver, image: Path, iso: Path) -> None:
+    drv.run(0, h2d(0xEF, features=0x82))  # write cache off
+    read(drv, SECTORS, 1)  # error: the port halts
+    drv.run(1, h2d(0xA0), 8, cdb=bytes([0x28, 0, 0xFF, 0, 0, 0, 0, 0, 1]).ljust(12, b"\0"))
+    blob = drv.dev._save()
+    other = AhciDriver([AtaDisk(DiskImage(DiskSpec(str(image)))),
+                        AtapiCdrom(DiskImage(DiskSpec(str(iso), readonly=True))), None])
+    try:
+        other.dev._load(blob)
+        disk = other.dev.ports[0].drive
+        cd = other.dev.ports[1].drive
+        assert isinstance(disk, AtaDisk) and not disk.disk.write_cache
+        assert other.dev.ports[0].halted and other.prd(0, PxCI) == 1
+        assert isinstance(cd, AtapiCdrom) and cd.sense.asc == 0x21
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda s: s[:-1], lambda s: s + b"\0", lambda s: bytes([9]) + s[1:],
+    lambda s: s[:1] + bytes([5]) + s[2:], lambda s: s[:2] + bytes([0xFF]) + s[3:],
+    lambda s: s[:3] + bytes([2]) + s[4:], lambda s: s[:5] + bytes([7]) + s[6:],
+    lambda s: s[:7] + b"\xff\xff" + s[9:],
+])
+def test_hostile_migration_state_cve_2013_4526(drv: AhciDriver, mutate: object) -> None:
+    state = drv.dev.save_state()
+    before = [(p.halted, p.srst) for p in drv.dev.ports]
+    with pytest.raises(DeviceError):
+        drv.dev.load_state(mutate(state))  # type: ignore[operator]
+    assert [(p.halted, p.srst) for p in drv.dev.ports] == before
+    drv.dev.load_state(state)
+    check_serves(drv)
