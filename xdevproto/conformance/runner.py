@@ -56,7 +56,7 @@ def run_check(ctx: Ctx, check: Check, peer: str | None = None) -> Result:
         outcome, message = Outcome.ERROR, f"{type(exc).__name__}: {exc}"
     finally:
         ctx.end()
-    crash = ctx.target.settle()
+    crash = ctx.target.settle(ctx.hung_up)
     if crash:
         outcome, message = Outcome.FAIL, f"{crash}" + (f" ({message})" if message else "")
     result = Result(check, outcome, message, list(ctx.transcript.items), seconds=watch.elapsed())

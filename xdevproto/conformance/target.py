@@ -68,8 +68,9 @@ class Target:
         """Wait up to ``timeout`` for the server process to exit."""
         return False
 
-    def settle(self) -> str | None:
-        """After a check: a message if the server crashed during it."""
+    def settle(self, hung_up: bool = False) -> str | None:
+        """After a check: a message if the server crashed during it.
+        ``hung_up``: the server closed a connection during the check."""
         return None
 
     def close(self) -> None:
@@ -159,13 +160,13 @@ class ExecTarget(Target):
         except subprocess.TimeoutExpired:
             return False
 
-    def settle(self) -> str | None:
+    def settle(self, hung_up: bool = False) -> str | None:
         if self.proc is None:
             return None
-        # Servers that exit on disconnect do so right away; a short wait
-        # keeps the next check from connecting to a dying server. Servers
-        # that stay up are not waited for.
-        self.wait_exit(0.05 if self.exits_on_disconnect else 0.0)
+        # A server that hung up on us may be dying (crashing, or exiting as
+        # it does after each client): give it a moment so that its end is
+        # seen here, not at the next check. Servers that stay up cost nothing.
+        self.wait_exit(0.05 if hung_up or self.exits_on_disconnect else 0.0)
         crash = self._crash_message()
         if crash:
             self.proc = None

@@ -19,7 +19,9 @@ from xdevproto.conformance.report import render_table
 from xdevproto.conformance.runner import run_server_suite
 from xdevproto.conformance.target import ExecTarget, TargetError
 
-SAMPLES = ("server", "gpio-pci-idio-16", "null")
+#: server-bar1-16k: the server sample rebuilt with a 16 KiB BAR1, as shipped
+#: at efd091b it does not start (some installations provide it)
+SAMPLES = ("server", "server-bar1-16k", "gpio-pci-idio-16", "null")
 #: samples that serve one client, then neither exit nor accept another
 FRESH = {"null"}
 

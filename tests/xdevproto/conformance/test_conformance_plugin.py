@@ -3,6 +3,7 @@ separate pytest process, as a project would)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -43,11 +44,19 @@ def test_conformance(vfio_user_check):
 '''
 
 
+def plugin_args() -> list[str]:
+    """``-p`` the plugin, unless an installed pytest11 entry point loads it."""
+    module = "xdevproto.conformance.pytest_plugin"
+    if any(ep.value == module for ep in importlib.metadata.entry_points(group="pytest11")):
+        return []
+    return ["-p", module]
+
+
 def run_pytest(where: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
-         "-p", "xdevproto.conformance.pytest_plugin", "--rootdir", str(where), str(where)],
+        [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *plugin_args(),
+         "--rootdir", str(where), str(where)],
         cwd=where, env=env, capture_output=True, text=True, timeout=120)
 
 
