@@ -12,9 +12,15 @@ Figures:
   at the UDP peer), ``--size``-byte frames;
 * ``rx_pps`` / ``rx_mbit_per_s``: frames the device stored in the RX ring
   while a peer process sends as fast as it can;
-* ``baseline_pps``: the same UDP sender and receiver without the device,
-  measured in this run;
+* ``baseline_pps``: the same UDP sender and a lean receiver process without
+  the device, measured in this run;
 * ``ratio_tx_vs_baseline`` / ``ratio_rx_vs_baseline``: target >= 0.5.
+
+With two or more CPUs the figures come first with the sender (the blaster,
+or this process driving TX) on one CPU and the receiver (the server, or the
+baseline's receiver) on another, so they measure CPU cost; the same figures
+with the scheduler's placement follow as ``*_unpinned`` (this machine's
+cross-CPU wake-ups and other load make them noisy).
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,6 +51,7 @@ RING = 256
 RX_RING_SIZE = 1024  # descriptors; Linux allows up to 4096
 BATCH = 64
 RAM = 8 << 20
+ALL_CPUS = os.sched_getaffinity(0)
 TX_RING, RX_RING, TX_BUF, RX_BUF = 0x1000, 0x4000, 0x100000, 0x200000
 
 
@@ -58,29 +65,50 @@ def frame(size: int) -> bytes:
     return MAC + bytes.fromhex("525400abcdef") + b"\x08\x00" + ip + udp + bytes(udp_len - 8)
 
 
+STOP = b"xdev-bench-stop"
+
+
+def _count(conn: Any, cpu: int | None) -> None:
+    """As lean a receiver as Python allows: blocking recv into one buffer."""
+    _pin(cpu)
+    sock = udp_sock()
+    conn.send(sock.getsockname()[1])
+    buf = bytearray(65536)
+    n, peer = 0, None
+    while True:
+        size, addr = sock.recvfrom_into(buf)
+        if size == len(STOP) and buf[:size] == STOP:
+            break
+        n += 1
+        peer = addr
+    conn.send((n, peer))
+
+
 class Counter:
-    """Counts datagrams arriving at a UDP socket, in a thread."""
+    """Counts datagrams arriving at a UDP port, in a process of its own."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.count = 0
-        self.peer: tuple[str, int] | None = None
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
+    def __init__(self, cpu: int | None) -> None:
+        self.conn, child = mp.Pipe()
+        self.proc = mp.Process(target=_count, args=(child, cpu))
+        self.proc.start()
+        self.port: int = self.conn.recv()
 
-    def run(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                _, peer = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            self.peer = peer
-            self.count += 1
+    def finish(self) -> tuple[int, tuple[str, int] | None]:
+        """Stop; the datagrams counted and the last sender's address."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(STOP, ("127.0.0.1", self.port))
+        result: tuple[int, tuple[str, int] | None] = self.conn.recv()
+        self.proc.join()
+        return result
 
 
-def _blast(port: int, size: int, seconds: float) -> None:
+def _pin(cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+def _blast(port: int, size: int, seconds: float, cpu: int | None = None) -> None:
+    _pin(cpu)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     data = frame(size)
     end = time.monotonic() + seconds
@@ -99,16 +127,15 @@ def udp_sock() -> socket.socket:
     return s
 
 
-def baseline(size: int, seconds: float) -> float:
-    sink = udp_sock()
-    counter = Counter(sink)
-    p = mp.Process(target=_blast, args=(sink.getsockname()[1], size, seconds))
+def baseline(size: int, seconds: float, cpus: tuple[int, int] | None) -> float:
+    """The sender alone on one CPU, a receiving process on the other."""
+    counter = Counter(cpus[1] if cpus else None)
+    p = mp.Process(target=_blast, args=(counter.port, size, seconds,
+                                        cpus[0] if cpus else None))
     p.start()
     p.join()
     time.sleep(0.2)
-    counter.stop.set()
-    sink.close()
-    return counter.count / seconds
+    return counter.finish()[0] / seconds
 
 
 def rd(c: Client, off: int) -> int:
@@ -119,7 +146,8 @@ def wr(c: Client, off: int, value: int) -> None:
     c.region_write(PciRegion.BAR0, off, value.to_bytes(4, "little"))
 
 
-def measure_tx(c: Client, ram: MemfdRam, counter: Counter, size: int, seconds: float) -> float:
+def measure_tx(c: Client, ram: MemfdRam, size: int, seconds: float) -> float:
+    """Frames/s put on the wire; the caller counts them at the peer."""
     data = frame(size)
     for i in range(RING):
         ram.write(TX_BUF + i * 2048, data)
@@ -131,18 +159,16 @@ def measure_tx(c: Client, ram: MemfdRam, counter: Counter, size: int, seconds: f
     wr(c, R.TDT, 0)
     wr(c, R.TCTL, R.TCTL_EN)
     tail = 0
-    start_count = counter.count
     start = time.monotonic()
     end = start + seconds
     while time.monotonic() < end:
         tail = (tail + BATCH) % RING
         wr(c, R.TDT, tail)  # the device sends the batch before answering
-    elapsed = time.monotonic() - start
-    time.sleep(0.2)
-    return (counter.count - start_count) / elapsed
+    return time.monotonic() - start
 
 
-def measure_rx(c: Client, ram: MemfdRam, port: int, size: int, seconds: float) -> float:
+def measure_rx(c: Client, ram: MemfdRam, port: int, size: int, seconds: float,
+               blast_cpu: int | None) -> float:
     for i in range(RX_RING_SIZE):
         ram.write(RX_RING + 16 * i, struct.pack("<QQ", RX_BUF + i * 2048, 0))
     wr(c, R.RDBAL, RX_RING)
@@ -150,7 +176,7 @@ def measure_rx(c: Client, ram: MemfdRam, port: int, size: int, seconds: float) -
     wr(c, R.RDH, 0)
     wr(c, R.RDT, RX_RING_SIZE - 1)
     wr(c, R.RCTL, R.RCTL_EN | (1 << 3))  # promiscuous: count everything
-    p = mp.Process(target=_blast, args=(port, size, seconds + 0.5))
+    p = mp.Process(target=_blast, args=(port, size, seconds + 0.5, blast_cpu))
     p.start()
     time.sleep(0.3)
     received = 0
@@ -173,21 +199,17 @@ def measure_rx(c: Client, ram: MemfdRam, port: int, size: int, seconds: float) -
     return received / elapsed
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", help="write the figures to this file")
-    ap.add_argument("--seconds", type=float, default=2.0)
-    ap.add_argument("--size", type=int, default=1500)
-    args = ap.parse_args(argv)
-    base = baseline(args.size, args.seconds)
-    sink = udp_sock()
-    counter = Counter(sink)
+def run(size: int, seconds: float, cpus: tuple[int, int] | None) -> tuple[float, float, float]:
+    """(baseline, tx, rx) frames/s with the given placement."""
+    base = baseline(size, seconds, cpus)
+    _pin(cpus[0] if cpus else None)
+    counter = Counter(cpus[0] if cpus else None)
     tmp = tempfile.mkdtemp(prefix="xdev-bench-")
     path = os.path.join(tmp, "e1000.sock")
     proc = subprocess.Popen(
         [sys.executable, "-m", "servers.e1000.cli", "--socket", path, "--log-level", "warning",
-         "--netdev", f"dgram,local=127.0.0.1:0,remote=127.0.0.1:{sink.getsockname()[1]}"],
-        cwd=ROOT)
+         "--netdev", f"dgram,local=127.0.0.1:0,remote=127.0.0.1:{counter.port}"],
+        cwd=ROOT, preexec_fn=(lambda: _pin(cpus[1])) if cpus else None)
     try:
         deadline = time.monotonic() + 20
         while not os.path.exists(path):
@@ -196,28 +218,46 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.05)
         with MemfdRam(RAM) as ram, Client.connect(path, guest=ram) as c:
             c.dma_map(0, RAM, fd=ram.fd)
-            tx = measure_tx(c, ram, counter, args.size, args.seconds)
-            if counter.peer is None:
+            elapsed = measure_tx(c, ram, size, seconds)
+            time.sleep(0.2)
+            sent, device = counter.finish()
+            if device is None:
                 raise SystemExit("no frame reached the wire")
-            rx = measure_rx(c, ram, counter.peer[1], args.size, args.seconds)
+            rx = measure_rx(c, ram, device[1], size, seconds, cpus[0] if cpus else None)
     finally:
         proc.terminate()
         proc.wait(10)
-        counter.stop.set()
-        sink.close()
+        if counter.proc.is_alive():
+            counter.finish()
+        os.sched_setaffinity(0, ALL_CPUS)
+    return base, sent / elapsed, rx
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="write the figures to this file")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--size", type=int, default=1500)
+    args = ap.parse_args(argv)
     bits = args.size * 8 / 1e6
-    results = {
-        "frame_bytes": args.size,
-        "tx_pps": round(tx),
-        "rx_pps": round(rx),
-        "tx_mbit_per_s": round(tx * bits, 1),
-        "rx_mbit_per_s": round(rx * bits, 1),
-        "baseline_pps": round(base),
-        "ratio_tx_vs_baseline": round(tx / base, 3) if base else 0.0,
-        "ratio_rx_vs_baseline": round(rx / base, 3) if base else 0.0,
-    }
+    results: dict[str, object] = {"frame_bytes": args.size}
+    cpus = sorted(ALL_CPUS)
+    placements: list[tuple[str, tuple[int, int] | None]] = [("", None)]
+    if len(cpus) >= 2:
+        placements = [("", (cpus[0], cpus[1])), ("_unpinned", None)]
+    for suffix, placement in placements:
+        base, tx, rx = run(args.size, args.seconds, placement)
+        results.update({
+            f"tx_pps{suffix}": round(tx),
+            f"rx_pps{suffix}": round(rx),
+            f"tx_mbit_per_s{suffix}": round(tx * bits, 1),
+            f"rx_mbit_per_s{suffix}": round(rx * bits, 1),
+            f"baseline_pps{suffix}": round(base),
+            f"ratio_tx_vs_baseline{suffix}": round(tx / base, 3) if base else 0.0,
+            f"ratio_rx_vs_baseline{suffix}": round(rx / base, 3) if base else 0.0,
+        })
     for key, value in results.items():
-        print(f"{key:24} {value}")
+        print(f"{key:34} {value}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
