@@ -174,7 +174,8 @@ def _tap_available() -> bool:
     return os.geteuid() == 0 and os.path.exists("/dev/net/tun")
 
 
-@pytest.mark.skipif(not _tap_available(), reason="needs root and /dev/net/tun for a tap device")
+@pytest.mark.skipif(not _tap_available() or not shutil.which("ip"),
+                    reason="needs root, /dev/net/tun and iproute2 for a tap device")
 def test_tap_by_name_and_by_fd() -> None:
     name = "xdt" + uuid.uuid4().hex[:8]
     fd = open_tap(name)
