@@ -188,6 +188,12 @@ class PciDevice(Device):
                  fds: Sequence[int | None] | None, bools: bytes | None) -> None:
         self.intr.set_irqs(index, action, start, count, fds, bools)
 
+    def close(self) -> None:
+        """Shut down: workers finished, DMA regions and interrupt fds released."""
+        self.work.shutdown()
+        self.dma.unmap_all()
+        self.intr.release()
+
     # -- reset ---------------------------------------------------------------------------
     def reset(self) -> None:
         """DEVICE_RESET: the whole function back to reset values; leaves ERROR."""

@@ -41,6 +41,18 @@ class ServerProcess:
                 raise AssertionError(f"server did not start: {self.stop()}")
             time.sleep(0.02)
 
+    def client(self, guest: MemfdRam | None = None) -> Client:
+        """Connect; the socket file appears at bind(), before listen(), so a
+        refused connection right after start means "not yet"."""
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                return Client.connect(str(self.path), guest=guest)
+            except ConnectionRefusedError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
     def stop(self) -> str:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -90,7 +102,7 @@ def read_everything(c: Client) -> list[bytes]:
 def test_state_moves_to_a_fresh_process_through_migration_messages(
         servers: tuple[ServerProcess, ServerProcess]) -> None:
     a, b = servers
-    with Client.connect(str(a.path)) as src, Client.connect(str(b.path)) as dst:
+    with a.client() as src, b.client() as dst:
         fresh = read_everything(dst)
         make_busy(src)
         assert src.region_read(2, 0x2000, 1) == b"\x08"  # pending before the move
@@ -112,7 +124,7 @@ def test_state_moves_to_a_fresh_process_through_migration_messages(
 def test_hostile_stream_puts_the_server_in_error_not_down(
         servers: tuple[ServerProcess, ServerProcess]) -> None:
     _, b = servers
-    with Client.connect(str(b.path)) as c:
+    with b.client() as c:
         c.set_mig_state(MigState.RESUMING)
         c.mig_data_write(b"XDEVPCI\0\x01\x00\xff\xff" + os.urandom(64))
         with pytest.raises(RemoteError):
@@ -125,7 +137,7 @@ def test_hostile_stream_puts_the_server_in_error_not_down(
 
 def test_dma_and_msix_through_the_runtime(servers: tuple[ServerProcess, ServerProcess]) -> None:
     a, _ = servers
-    with MemfdRam(1 << 16) as ram, Client.connect(str(a.path), guest=ram) as c:
+    with MemfdRam(1 << 16) as ram, a.client(guest=ram) as c:
         c.dma_map(0, 1 << 16, fd=ram.fd)
         efd = os.eventfd(0)
         c.set_irqs(IrqIndex.MSIX, SetIrqsFlags.ACTION_TRIGGER, 0, fds=[efd])
