@@ -253,6 +253,8 @@ class PciDevice(Device):
             self._drain()
         with self.lock:
             self.running(running)
+            if running:
+                self.intr.resample()
 
     def running(self, running: bool) -> None:
         """Migration STOP (False) / RUNNING (True) edge; stop timers etc. Override."""

@@ -172,6 +172,9 @@ class Interrupts:
             if start + count > n:
                 _close_all(fds)
                 raise DeviceError(f"irq index {index}: {start}+{count} beyond {n}", errno.EINVAL)
+            if not n:  # ERR, REQ, or a mechanism this device lacks: nothing to do
+                _close_all(fds)
+                return
             if action == SetIrqsFlags.ACTION_TRIGGER:
                 self._trigger(index, start, count, fds, bools)
                 return
@@ -236,6 +239,13 @@ class Interrupts:
             self.cfg.set_interrupt_status(levels != 0)
             self._line = (levels != 0 and not self.cfg.command & CMD_INTX_DISABLE
                           and self.mode() is IrqIndex.INTX)
+
+    def resample(self) -> None:
+        """Signal INTx again if the line is high (after a migration load, the
+        new client has not seen the edge)."""
+        with self.lock:
+            if self._line and not self.vfio_masked[IrqIndex.INTX][0]:
+                self._fire_intx()
 
     def _signal(self, index: int, vector: int) -> None:
         fd = self.fds[index][vector]

@@ -14,6 +14,7 @@ Access kinds (the names the AHCI 1.3.1 and 8254x manuals use):
 * ``RW1C`` write 1 to clear (status bits under ``mask``).
 * ``RW1S`` write 1 to set (doorbells such as AHCI PxCI).
 * ``RC``   clear on read (statistics counters, 8254x ICR); writes ignored.
+  Any read that touches the register, even one byte of it, clears all of it.
 * ``WO``   write-only; reads return 0, the value written is kept under ``mask``.
 * ``RSVD`` reserved: reads 0, writes ignored.
 
@@ -202,7 +203,7 @@ class RegisterFile:
     # -- guest accesses ---------------------------------------------------------------
     def read(self, offset: int, count: int) -> bytes:
         """A guest read of ``count`` bytes at ``offset`` (any alignment)."""
-        n = self._exact.get(offset << 4 | count)
+        n = self._exact.get(offset << 4 | count) if count <= 8 else None
         if n is not None:
             return self._read_slot(n).to_bytes(count, "little")
         return self._read_bytes(offset, count)
@@ -210,7 +211,7 @@ class RegisterFile:
     def write(self, offset: int, data: bytes) -> None:
         """A guest write of ``data`` at ``offset`` (any alignment)."""
         count = len(data)
-        n = self._exact.get(offset << 4 | count)
+        n = self._exact.get(offset << 4 | count) if count <= 8 else None
         if n is not None:
             self._write_slot(n, int.from_bytes(data, "little"), self._slots[n].full)
             return

@@ -251,3 +251,33 @@ def test_reset_drops_levels(dev: SampleDevice, fds: Fds) -> None:
     assert cfg_r(dev, 0x06, 2) & 0x8 == 0
     dev.intr.raise_(0)  # reset also unmasked the automasked line
     assert fds.count(IrqIndex.INTX) == 1
+
+
+def test_indexes_without_vectors_accept_an_empty_disable() -> None:
+    d = SampleDevice()
+    for index in (IrqIndex.ERR, IrqIndex.REQ):
+        d.set_irqs(index, TRIGGER, 0, 0, None, None)
+        with pytest.raises(DeviceError):
+            d.set_irqs(index, TRIGGER, 0, 1, None, None)
+
+
+def test_intx_asserted_at_save_is_signalled_after_load() -> None:
+    from xdevproto.wire import MigState
+
+    src = SampleDevice()
+    src.intr.raise_(0)
+    src.set_mig_state(MigState.STOP_COPY)
+    blob = src.mig_data_read(1 << 20)
+    dst = SampleDevice()
+    fds = Fds(dst)
+    try:
+        dst.set_mig_state(MigState.RESUMING)
+        dst.mig_data_write(blob)
+        dst.set_mig_state(MigState.STOP)
+        assert fds.count(IrqIndex.INTX) == 0  # stopped: no interrupts
+        dst.set_mig_state(MigState.RUNNING)
+        assert fds.count(IrqIndex.INTX) == 1
+        assert cfg_r(dst, 0x06, 2) & 0x8
+    finally:
+        fds.close()
+        dst.intr.release()

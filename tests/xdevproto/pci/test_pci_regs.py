@@ -231,3 +231,14 @@ def test_missing_hook_fails_at_binding() -> None:
     layout = RegisterLayout("h", 0x10, [Reg(0, "A", on_write="nope")])
     with pytest.raises(TypeError):
         RegisterFile(layout, Owner())
+
+
+def test_long_access_is_not_mistaken_for_a_register_access(
+        rf: tuple[RegisterFile, Owner]) -> None:
+    f, _ = rf
+    # offset << 4 | 17 == (offset + 1) << 4 | 1: must not hit the 1-byte register at 0x28
+    data = f.read(0x27, 17)
+    assert len(data) == 17
+    assert data[1] == 0x5A
+    f.write(0x27, bytes(17))
+    assert f["B"] == 0  # B is RW: the long write reached it
