@@ -15,12 +15,10 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
-import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from xdevproto.device import DmaRegion
 from xdevproto.errors import DeviceError
 from xdevproto.pci import Bar, BarKind, Identity, PciDevice, PmCap
 from xdevproto.pci.regs import RegisterFile
@@ -28,7 +26,6 @@ from xdevproto.pci.regs import RegisterFile
 from . import regs as R
 from .backends import Backend
 from .eeprom import DEVICE_ID, INTEL, SUBSYSTEM_ID, Eeprom, Phy, eeprom_image, mdic_access
-from .fastmem import FastGuestMemory
 from .packet import BROADCAST, RxFilter
 from .regs import BAR0_SIZE, LAYOUT, STAT_PAIRS, STATS
 from .rx import Receiver
@@ -75,7 +72,6 @@ class E1000Device(PciDevice):
         self.send: Callable[[bytes], None] = backend.send
         self.timers = timers if timers is not None else ThreadTimers()
         self.r = OffsetRegs(self.regs(0))
-        self.mem = FastGuestMemory(self.dma)
         self._counter_slots: dict[bool, Any] = {
             True: self._slots_for(_RX_COUNTERS), False: self._slots_for(_TX_COUNTERS)}
         self.eeprom = Eeprom(eeprom_image(self.mac))
@@ -94,38 +90,8 @@ class E1000Device(PciDevice):
         self.backend.close()
         self.timers.close()
         self.work.shutdown()
-        with self.lock:
-            self.mem.clear()
         self.dma.unmap_all()
         self.intr.release()
-
-    # -- guest memory: a fast path beside the framework's (see fastmem.py) --------------
-    def dma_map(self, region: DmaRegion) -> None:
-        dup = os.dup(region.fd) if region.fd is not None else None
-        try:
-            super().dma_map(region)
-        except BaseException:
-            if dup is not None:
-                os.close(dup)
-            raise
-        if dup is not None:
-            with self.lock:
-                self.mem.add(region, dup)
-
-    def dma_unmap(self, region: DmaRegion) -> None:
-        with self.lock:  # every DMA of ours runs under the lock: none is in flight
-            self.mem.remove(region)
-        super().dma_unmap(region)
-
-    def dma_logging_start(self, page_size: int, ranges: Sequence[tuple[int, int]]) -> None:
-        with self.lock:
-            self.mem.enabled = False  # every write must reach the dirty bitmap
-        super().dma_logging_start(page_size, ranges)
-
-    def dma_logging_stop(self) -> None:
-        super().dma_logging_stop()
-        with self.lock:
-            self.mem.enabled = True
 
     # -- reset (SDM 13.4.1 CTRL.RST; 14.3 "Software reset") -----------------------
     def _reset_nic(self) -> None:

@@ -65,7 +65,7 @@ class Receiver:
         if addr is not None:
             return addr
         k = max(1, min(avail, n - head, PREFETCH))
-        raw = self.nic.mem.read(base + head * DESC, k * DESC)
+        raw = self.nic.dma.read(base + head * DESC, k * DESC)
         cache.clear()
         for i in range(1, k):
             cache[head + i] = _ADDR.unpack_from(raw, i * DESC)[0]
@@ -139,7 +139,7 @@ class Receiver:
             err = 0
             if buf:
                 try:
-                    nic.mem.write(buf, chunk)
+                    nic.dma.write(buf, chunk)
                 except VfioUserError:
                     err = RXD_ERR_RXE
                 pos += len(chunk)
@@ -148,7 +148,7 @@ class Receiver:
             wb = _WB.pack(len(chunk), pkt_sum if last else 0, st,
                              (errors if last else 0) | err, special if last else 0)
             try:
-                nic.mem.write(addr + 8, wb)
+                nic.dma.write(addr + 8, wb)
             except VfioUserError as exc:
                 log.warning("RX write-back at %#x failed: %s", addr, exc)
             head = (head + 1) % n

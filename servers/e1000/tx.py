@@ -85,7 +85,7 @@ class Transmitter:
                 count = min((tail - head) % n if tail < n else n - head, n - head, n - done)
                 addr = base + head * DESC
                 try:
-                    raw = nic.mem.read(addr, count * DESC)
+                    raw = nic.dma.read(addr, count * DESC)
                 except VfioUserError as exc:
                     log.warning("TX ring at %#x unreadable: %s", addr, exc)
                     break
@@ -122,7 +122,7 @@ class Transmitter:
         for i in report:
             out[(i - first) * DESC + 12] |= STA_DD
         try:
-            self.nic.mem.write(addr + first * DESC, out)
+            self.nic.dma.write(addr + first * DESC, out)
         except VfioUserError as exc:
             log.warning("TX status write-back at %#x failed: %s", addr, exc)
 
@@ -155,7 +155,7 @@ class Transmitter:
             self.oversize = True
             return
         try:
-            self.buf += self.nic.mem.read(addr, length)
+            self.buf += self.nic.dma.read(addr, length)
         except VfioUserError:
             self.bad_dma = True
 

@@ -177,7 +177,7 @@ def test_cve_2023_3019_reentrancy_guard(drv: Driver) -> None:
     drv.setup_tx()
     nic = drv.dev
     calls = []
-    real = nic.mem
+    real = nic.dma
     real_read = real.read
 
     def reentrant_read(addr: int, length: int) -> bytes:
@@ -187,13 +187,13 @@ def test_cve_2023_3019_reentrancy_guard(drv: Driver) -> None:
             nic.region_write(0, R.TDT, drv.tx_tail.to_bytes(4, "little"))
         return real_read(addr, length)
 
-    nic.mem = type("D", (), {"read": staticmethod(reentrant_read),
+    nic.dma = type("D", (), {"read": staticmethod(reentrant_read),
                              "write": staticmethod(real.write)})()
     for _ in range(3):
         drv.legacy(tcp_frame(b"r" * 50))
     drv.kick()
     assert len(sent(drv)) == 3 and drv.rd(R.TDH) == 3
-    nic.mem = real
+    nic.dma = real
     still_works(drv)
 
 
