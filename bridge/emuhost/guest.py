@@ -100,6 +100,9 @@ class HvmGuest:
     extra: tuple[tuple[str, str], ...] = ()
     #: dom0 path of the guest kernel; None means dom0's own kernel.
     kernel: str | None = None
+    #: (guest path, host path) pairs copied into the initramfs: tools busybox
+    #: lacks (mkfs.ext4, e2fsck) with their shared libraries and loader.
+    files: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -161,6 +164,12 @@ class HvmGuest:
                 member = f"modules/{index:03d}-{stem}.ko"
                 archive.add_file(member, data)
                 load_lines.append(f"insmod /{member} || echo 'xdev-guest: insmod {stem} failed'")
+        for guest_path, host_path in self.files:
+            parent = guest_path.strip("/").rpartition("/")[0]
+            if parent:
+                archive.add_dir(parent, parents=True)
+            source = Path(host_path)
+            archive.add_file(guest_path, source.read_bytes(), source.stat().st_mode & 0o777)
         script = _INIT_PROLOGUE + "\n".join(load_lines) + "\n(\n" + self.init_script
         script += "\n)" + _INIT_EPILOGUE
         archive.add_file("init", script.encode(), 0o755)
