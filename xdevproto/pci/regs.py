@@ -217,10 +217,12 @@ class RegisterFile:
             return
         self._write_bytes(offset, data)
 
-    def _check(self, offset: int, count: int) -> None:
-        if offset < 0 or count < 0 or offset + count > self.layout.size:
-            raise DeviceError(f"{self.label}: access {offset:#x}+{count} outside the registers",
-                              errno.EINVAL)
+    def _check(self, offset: int, count: int) -> int:
+        """The end of the declared part of the access (the BAR may be larger
+        than the register layout: beyond it, reads are 0 and writes ignored)."""
+        if offset < 0 or count < 0:
+            raise DeviceError(f"{self.label}: access {offset:#x}+{count}", errno.EINVAL)
+        return min(offset + count, self.layout.size)
 
     def _read_slot(self, n: int) -> int:
         slot = self._slots[n]
@@ -270,10 +272,9 @@ class RegisterFile:
             hook(slot.index, value, old)
 
     def _read_bytes(self, offset: int, count: int) -> bytes:
-        self._check(offset, count)
+        end = self._check(offset, count)
         out = bytearray(count)
         pos = offset
-        end = offset + count
         owner = self.layout.owner
         while pos < end:
             n = owner[pos]
@@ -291,10 +292,8 @@ class RegisterFile:
         return bytes(out)
 
     def _write_bytes(self, offset: int, data: bytes) -> None:
-        count = len(data)
-        self._check(offset, count)
+        end = self._check(offset, len(data))
         pos = offset
-        end = offset + count
         owner = self.layout.owner
         while pos < end:
             n = owner[pos]
