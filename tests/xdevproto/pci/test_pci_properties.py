@@ -23,7 +23,7 @@ access = st.tuples(
 
 
 def walk(dev: SampleDevice) -> list[int]:
-    ids = []
+    ids: list[int] = []
     ptr = dev.region_read(CFG, 0x34, 1)[0]
     while ptr and len(ids) < 48:
         ids.append(dev.region_read(CFG, ptr, 1)[0])
