@@ -46,12 +46,23 @@ log = logging.getLogger(__name__)
 Drive = AtaDisk | AtapiCdrom
 
 
+def coalesce(sg: list[SgEntry]) -> list[SgEntry]:
+    """Merge entries that continue each other in guest memory (fewer, larger copies)."""
+    out: list[SgEntry] = []
+    for e in sg:
+        if out and out[-1].addr + out[-1].length == e.addr:
+            out[-1] = SgEntry(out[-1].addr, out[-1].length + e.length)
+        else:
+            out.append(e)
+    return out
+
+
 class PrdtPhase:
     """A command's data phase over its PRDT in guest memory (AHCI 4.2.3)."""
 
     def __init__(self, dma: GuestMemory, sg: list[SgEntry]) -> None:
         self.dma = dma
-        self.sg = sg
+        self.sg = coalesce(sg)
         self._length = sum(e.length for e in sg)
 
     @property
@@ -103,9 +114,19 @@ class Done:
     outcome: Outcome
 
 
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A fetched command, and its result when the fetching worker also ran it."""
+
+    cmd: Command
+    started: bool
+    done: Done | None = None
+    error: BaseException | None = None
+
+
 class Port:
     """State of one port beyond its registers; every method runs under the device lock
-    except the ``_fetch``/``_execute``/``_deliver`` workers."""
+    except the ``_fetch_and_run``/``_execute`` workers."""
 
     def __init__(self, hba: AhciDevice, index: int, drive: Drive | None) -> None:
         self.hba = hba
@@ -218,11 +239,26 @@ class Port:
         for slot in range(R.NUM_SLOTS):
             if slots >> slot & 1:
                 self.inflight += 1
-                self.hba.work.submit(partial(self._fetch, clb, slot),
+                self.hba.work.submit(partial(self._fetch_and_run, clb, slot, self.gen),
                                      partial(self._fetched, self.gen, slot))
 
+    def _fetch_and_run(self, clb: int, slot: int, gen: int) -> Fetched:
+        """Worker: fetch the command; if it may start at once, run it right here
+        (saves a hand-over to a second worker: the common case of an idle port
+        or NCQ traffic)."""
+        cmd = self._fetch(clb, slot)
+        with self.hba.lock:
+            if gen != self.gen or not cmd.h2d.c or self.queue or self.halted \
+                    or not self._may_start(cmd):
+                return Fetched(cmd, False)
+            fb = self._claim(cmd)
+        try:
+            return Fetched(cmd, True, self._execute(cmd, clb, fb))
+        except Exception as exc:  # the completion turns it into the port's error status
+            return Fetched(cmd, True, None, exc)
+
     def _fetch(self, clb: int, slot: int) -> Command:
-        """Worker: read the command header and table (AHCI 4.2.2, 4.2.3)."""
+        """Read the command header and table (AHCI 4.2.2, 4.2.3)."""
         dma = self.hba.dma
         header = F.CommandHeader.parse(dma.read(clb + slot * F.CMD_HEADER_SIZE, 16))
         if not 5 <= header.cfl <= 16:
@@ -234,15 +270,19 @@ class Port:
         sg, irq = F.parse_prdt(prdt)
         return Command(slot, header, h2d, cdb, sg, irq)
 
-    def _fetched(self, gen: int, slot: int, cmd: Command | None,
+    def _fetched(self, gen: int, slot: int, fetched: Fetched | None,
                  error: BaseException | None) -> None:
         self.inflight -= 1
+        if fetched is not None and fetched.started:
+            self._executed(gen, fetched.cmd, fetched.done, fetched.error)
+            return
         if gen != self.gen:
             self._maybe_idle()
             return
-        if error is not None or cmd is None:
+        if error is not None or fetched is None:
             self._interface_error(slot, error)
             return
+        cmd = fetched.cmd
         if not cmd.h2d.c:
             self._device_control(cmd)
             return
@@ -266,20 +306,28 @@ class Port:
     def _pump(self) -> None:
         while self.queue and not self.halted:
             cmd = self.queue[0]
-            if cmd.ncq and self.running_plain:
-                return
-            if not cmd.ncq and (self.running_plain or self.running_ncq):
+            if not self._may_start(cmd):
                 return
             self.queue.popleft()
-            if cmd.ncq:
-                self.running_ncq += 1
-            else:
-                self.running_plain = True
-            self.inflight += 1
-            fb = self._addr("PxFB", "PxFBU") if self.get("PxCMD") & R.CMD_FRE else None
+            fb = self._claim(cmd)
             clb = self._addr("PxCLB", "PxCLBU")
             self.hba.work.submit(partial(self._execute, cmd, clb, fb),
                                  partial(self._executed, self.gen, cmd))
+
+    def _may_start(self, cmd: Command) -> bool:
+        """NCQ commands run together; any other command runs alone (ATA8-ACS)."""
+        if cmd.ncq:
+            return not self.running_plain
+        return not (self.running_plain or self.running_ncq)
+
+    def _claim(self, cmd: Command) -> int | None:
+        """Count ``cmd`` as running; the received-FIS address it reports to (None: FRE off)."""
+        if cmd.ncq:
+            self.running_ncq += 1
+        else:
+            self.running_plain = True
+        self.inflight += 1
+        return self._addr("PxFB", "PxFBU") if self.get("PxCMD") & R.CMD_FRE else None
 
     def _execute(self, cmd: Command, clb: int, fb: int | None) -> Done:
         """Worker: run the command, store PRDBC and the FISes (never under the lock)."""
