@@ -4,7 +4,8 @@ The mechanism is the one the guest enabled in config space: MSI-X when its
 enable bit is set, else MSI, else INTx (PCI 3.0, 6.8: a function with MSI or
 MSI-X enabled does not use INTx). A client that does not forward config
 writes (so the enable bits stay clear) is served by the fds it registered:
-INTx if it gave one, else MSI-X, else MSI.
+INTx if it gave one, else MSI-X, else MSI; such a client emulates the
+capability (and its masks) itself, so only its SET_IRQS masks apply then.
 
 Delivery writes a u64 1 to the eventfd the client registered with
 DEVICE_SET_IRQS ACTION_TRIGGER (vfio-user spec, "DEVICE_SET_IRQS").
@@ -129,7 +130,7 @@ class Interrupts:
         if vector >= n:
             log.debug("MSI vector %d beyond the %d enabled; using 0", vector, n)
             vector = 0
-        if msi.masked(vector) or self.vfio_masked[IrqIndex.MSI][vector]:
+        if (msi.enabled and msi.masked(vector)) or self.vfio_masked[IrqIndex.MSI][vector]:
             msi.set_pending(vector, True)
             self.held[IrqIndex.MSI].add(vector)
             return
@@ -140,7 +141,10 @@ class Interrupts:
         if msix is None or vector >= msix.vectors:
             log.warning("MSI-X vector %d does not exist", vector)
             return
-        if msix.function_masked or msix.masked(vector) or self.vfio_masked[IrqIndex.MSIX][vector]:
+        # Guest masks count only when the guest's enable reached us; a client
+        # that emulates the capability itself (QEMU) masks through SET_IRQS.
+        guest_masked = msix.enabled and (msix.function_masked or msix.masked(vector))
+        if guest_masked or self.vfio_masked[IrqIndex.MSIX][vector]:
             msix.set_pending(vector, True)
             return
         self._signal(IrqIndex.MSIX, vector)
@@ -149,15 +153,16 @@ class Interrupts:
         """Enable/mask bits changed: deliver what is now unmasked, redo INTx."""
         with self.lock:
             msix, msi = self.msix, self.msi
-            if msix is not None and msix.enabled and not msix.function_masked:
+            if msix is not None and not (msix.enabled and msix.function_masked):
                 for v in range(msix.vectors):
-                    if (msix.pending(v) and not msix.masked(v)
+                    if (msix.pending(v) and not (msix.enabled and msix.masked(v))
                             and not self.vfio_masked[IrqIndex.MSIX][v]):
                         msix.set_pending(v, False)
                         self._signal(IrqIndex.MSIX, v)
-            if msi is not None and msi.enabled:
+            if msi is not None:
                 for v in sorted(self.held[IrqIndex.MSI]):
-                    if not msi.masked(v) and not self.vfio_masked[IrqIndex.MSI][v]:
+                    if (not (msi.enabled and msi.masked(v))
+                            and not self.vfio_masked[IrqIndex.MSI][v]):
                         msi.set_pending(v, False)
                         self.held[IrqIndex.MSI].discard(v)
                         self._signal(IrqIndex.MSI, v)
