@@ -199,10 +199,11 @@ class Session(DeviceContext):
             self.transport.send(data)
         if threading.get_ident() == self.loop_thread:
             while not waiter.done.is_set():
-                ev = self._receive()
+                ev = self._receive(waiter)
                 if ev is None:
                     break
-                self.deferred.append(ev)
+                if ev is not NEED_DATA:
+                    self.deferred.append(ev)
         else:
             waiter.done.wait()
         if waiter.reply is None:
@@ -210,9 +211,10 @@ class Session(DeviceContext):
         return waiter.reply
 
     # -- the loop ----------------------------------------------------------------
-    def _receive(self) -> Event | FastAccess | None:
+    def _receive(self, until: _Waiter | None = None) -> Event | FastAccess | None:
         """The next command from the client (replies go to their waiters);
-        None at EOF."""
+        None at EOF; NEED_DATA once ``until`` has its reply (the loop thread
+        waiting for its own DMA reply must not block in recv again)."""
         conn, lock = self.conn, self.lock
         while True:
             if conn.buffered:
@@ -239,6 +241,8 @@ class Session(DeviceContext):
                     waiter.done.set()
                 else:
                     close_fds(ev.fds)
+                if until is not None and until.done.is_set():
+                    return NEED_DATA
                 continue
             return ev
 
