@@ -540,3 +540,39 @@ def test_hostile_migration_state_cve_2013_4526(drv: AhciDriver, mutate: object) 
     assert [(p.halted, p.srst) for p in drv.dev.ports] == before
     drv.dev.load_state(state)
     check_serves(drv)
+
+
+def test_several_plain_commands_issued_at_once_run_one_by_one(drv: AhciDriver) -> None:
+    running = []
+    drive = drv.dev.ports[0].drive
+    assert drive is not None
+    real = drive.execute
+    lock = threading.Lock()
+    overlap: list[bool] = []
+
+    def watched(tf, data, cdb=b""):
+        with lock:
+            running.append(1)
+            overlap.append(len(running) > 1)
+        try:
+            return real(tf, data, cdb)
+        finally:
+            with lock:
+                running.pop()
+
+    drive.execute = watched  # type: ignore[method-assign]
+    for slot in range(8):
+        drv.build(0, slot, h2d(0x25, lba=slot * 10, count=4),
+                  [(DATA_BASE + slot * 0x10000, 4 * SECTOR, False)])
+    drv.issue(0, 0xFF)
+    assert not drv.wait_done(0, 0xFF) & TFES
+    assert len(overlap) == 8 and not any(overlap)
+    for slot in range(8):
+        assert drv.ram.read(DATA_BASE + slot * 0x10000, 4 * SECTOR) == pattern(slot * 10, 4)
+
+
+def test_coalesce_merges_only_contiguous_entries() -> None:
+    from servers.ahci.port import coalesce
+    from xdevproto.pci.dma import SgEntry
+    sg = [SgEntry(0, 10), SgEntry(10, 6), SgEntry(100, 4), SgEntry(104, 4), SgEntry(0, 2)]
+    assert coalesce(sg) == [SgEntry(0, 16), SgEntry(100, 8), SgEntry(0, 2)]
