@@ -182,9 +182,8 @@ class ConfigSpace:
             self.data[prev_next] = off
             self.set(off, 1, cap.cap_id)
             cap.layout(self)
-            prev_next = off + 1
+            prev_next = off + 1  # the last one keeps 0: the list ends there
             off += cap.size
-        self.data[prev_next] = 0 if self.caps else self.data[prev_next]
 
     # -- accesses ----------------------------------------------------------------------
     def u8(self, off: int) -> int:

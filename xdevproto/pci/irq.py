@@ -153,7 +153,8 @@ class Interrupts:
         """Enable/mask bits changed: deliver what is now unmasked, redo INTx."""
         with self.lock:
             msix, msi = self.msix, self.msi
-            if msix is not None and not (msix.enabled and msix.function_masked):
+            if msix is not None and any(msix.pba) and not (msix.enabled
+                                                           and msix.function_masked):
                 for v in range(msix.vectors):
                     if (msix.pending(v) and not (msix.enabled and msix.masked(v))
                             and not self.vfio_masked[IrqIndex.MSIX][v]):
