@@ -7,9 +7,9 @@ from .caps import MsiCap, MsixCap, PcieCap, PmCap
 from .config import Bar, BarKind, Identity
 from .device import PciDevice
 from .dma import DmaError, GuestMemory, SgEntry
-from .regs import Access, Reg, RegisterFile, RegisterLayout
+from .regs import Access, Reg, RegisterFile, RegisterLayout, block
 
 __all__ = [
     "Access", "Bar", "BarKind", "DmaError", "GuestMemory", "Identity", "MsiCap", "MsixCap",
-    "PciDevice", "PcieCap", "PmCap", "Reg", "RegisterFile", "RegisterLayout", "SgEntry",
+    "PciDevice", "PcieCap", "PmCap", "Reg", "RegisterFile", "RegisterLayout", "SgEntry", "block",
 ]

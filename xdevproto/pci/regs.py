@@ -44,7 +44,7 @@ import errno
 import logging
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import DeviceError
@@ -91,6 +91,21 @@ class Reg:
         if self.mask is not None:
             return self.mask & full
         return full if self.access in _WRITABLE_BY_DEFAULT else 0
+
+
+def block(base: int, stride: int, count: int, regs: Iterable[Reg]) -> list[Reg]:
+    """A register block repeated ``count`` times ``stride`` bytes apart (AHCI
+    ports: ``block(0x100, 0x80, 32, [Reg(0x00, "PxCLB"), ...])``); offsets in
+    ``regs`` are relative to the block. Element ``i`` of every register is
+    block ``i``, which is the ``index`` its hooks receive."""
+    out = []
+    for reg in regs:
+        if reg.count != 1:
+            raise ValueError(f"{reg.name}: arrays inside a block are not supported")
+        if reg.offset + reg.width > stride:
+            raise ValueError(f"{reg.name} does not fit in a {stride:#x}-byte block")
+        out.append(replace(reg, offset=base + reg.offset, count=count, stride=stride))
+    return out
 
 
 @dataclass(frozen=True, slots=True)

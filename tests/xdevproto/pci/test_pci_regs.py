@@ -244,3 +244,32 @@ def test_long_access_is_not_mistaken_for_a_register_access(
     assert data[1] == 0x5A
     f.write(0x27, bytes(17))
     assert f["B"] == 0  # B is RW: the long write reached it
+
+
+def test_register_blocks_at_a_stride() -> None:
+    from xdevproto.pci.regs import block
+
+    class Ports:
+        def __init__(self) -> None:
+            self.cmd: list[tuple[int, int]] = []
+
+        def write_cmd(self, index: int, value: int, old: int) -> None:
+            self.cmd.append((index, value))
+
+    layout = RegisterLayout("ahci-like", 0x1100, [
+        Reg(0x00, "CAP", Access.RO, reset=0x1F),
+        *block(0x100, 0x80, 32, [
+            Reg(0x00, "PxCLB", mask=0xFFFFFC00),
+            Reg(0x10, "PxIS", Access.RW1C),
+            Reg(0x18, "PxCMD", on_write="write_cmd"),
+        ]),
+    ])
+    owner = Ports()
+    f = RegisterFile(layout, owner)
+    wr(f, 0x100 + 0x80 * 5 + 0x18, 0x11)
+    wr(f, 0x100 + 0x80 * 31, 0xFFFFFFFF)
+    assert owner.cmd == [(5, 0x11)]
+    assert f["PxCLB", 31] == 0xFFFFFC00
+    assert layout.slots[layout.slot("PxIS", 7)].offset == 0x100 + 0x80 * 7 + 0x10
+    with pytest.raises(ValueError):
+        block(0, 0x10, 2, [Reg(0x0E, "TOO_WIDE")])
