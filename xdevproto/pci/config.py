@@ -231,6 +231,15 @@ class ConfigSpace:
     def command(self) -> int:
         return self.u16(COMMAND)
 
+    @property
+    def bus_master(self) -> bool:
+        """Command bit 2: may the function start DMA and MSI (PCI 3.0, 6.2.2)?
+
+        Not enforced by the framework (a client that emulates the command
+        register would starve the device); a device may check it.
+        """
+        return bool(self.u16(COMMAND) & CMD_MASTER)
+
     def bar_address(self, index: int) -> int:
         """The address the guest programmed into BAR ``index`` (type bits removed)."""
         bar = self.bars[index]

@@ -245,3 +245,9 @@ def test_misspelt_hook_fails_at_class_creation() -> None:
         class Broken(PciDevice):
             identity = Identity(0x1234, 0x5678, 0)
             bars = (Bar(0, 16, regs=layout),)
+
+
+def test_bus_master_follows_the_command_register(dev: SampleDevice) -> None:
+    assert not dev.config.bus_master
+    w(dev, 0x04, 0x0004, 2)
+    assert dev.config.bus_master
