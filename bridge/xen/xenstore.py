@@ -130,15 +130,17 @@ class XenStore:
         self._xs.write(root + b"/state", state.encode())
 
     def publish_device(self, guest: int, pci: str, server: str, state: str) -> None:
-        """``pci`` is ``SSSS:BB:DD.F`` (``str(abi.Sbdf)``)."""
+        """``pci`` is ``SSSS:BB:DD.F`` (``str(abi.Sbdf)``), published as
+        ``SSSS-BB-DD-F``: xenstore node names allow only ``[A-Za-z0-9-/_@]``
+        (docs/misc/xenstore.txt), and xenstored refuses ``:`` and ``.``."""
         if state not in DEVICE_STATES:
             raise ValueError(f"device state must be one of {DEVICE_STATES}")
-        base = self._root(guest) + b"/devices/" + pci.encode()
+        base = self._root(guest) + b"/devices/" + _node(pci)
         self._xs.write(base + b"/server", server.encode())
         self._xs.write(base + b"/state", state.encode())
 
     def remove_device(self, guest: int, pci: str) -> None:
-        self._xs.delete(self._root(guest) + b"/devices/" + pci.encode())
+        self._xs.delete(self._root(guest) + b"/devices/" + _node(pci))
 
     def close(self, guest: int) -> None:
         self._xs.delete(self._root(guest) + b"/devices")
@@ -191,3 +193,7 @@ class DomainWatcher:
                 self._monitor.close()
             except Exception as exc:  # closing a broken connection may fail; nothing to do
                 log.debug("closing xenstore monitor: %s", exc)
+
+
+def _node(pci: str) -> bytes:
+    return pci.replace(":", "-").replace(".", "-").encode()

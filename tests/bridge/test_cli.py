@@ -132,7 +132,7 @@ def test_guest_accesses_reach_the_device(rig) -> None:
     xen, xs, device, stop, bthread, result = rig
     (srv,) = xen.servers.values()
     assert srv.pcidevs == {(0, 0, 5, 0)}
-    assert xs.data[b"/local/domain/0/xdev/7/devices/0000:00:05.0/state"] == b"connected"
+    assert xs.data[b"/local/domain/0/xdev/7/devices/0000-00-05-0/state"] == b"connected"
     assert access(xen, IoreqType.PCI_CONFIG, R, cfg_addr(0), 4) == 0x0005_1B36
     access(xen, IoreqType.PCI_CONFIG, W, cfg_addr(0x10), 4, 0xFFFFFFFF)
     assert access(xen, IoreqType.PCI_CONFIG, R, cfg_addr(0x10), 4) == 0xFFFFF000

@@ -125,7 +125,7 @@ def test_publish_under_the_documented_path(xs: MemoryXs) -> None:
     assert xs.nodes[root + b"/state"] == b"running"
     assert xs.nodes[root + b"/ioreq-server"] == b"2"
     assert xs.nodes[root + b"/pid"] == str(os.getpid()).encode()
-    assert xs.nodes[root + b"/devices/0000:00:05.0/server"] == b"unix:/run/xdev/ahci.sock"
+    assert xs.nodes[root + b"/devices/0000-00-05-0/server"] == b"unix:/run/xdev/ahci.sock"
     with pytest.raises(ValueError):
         store.publish_bridge(7, "dancing")
     store.close(7)
