@@ -201,10 +201,10 @@ class AtaDisk:
         w[80] = 0x07F0  # ATA/ATAPI-4 .. ACS-3
         w[82] = 0x0028 | 0x4000  # power management, volatile write cache, NOP
         w[83] = 0x7400  # FLUSH CACHE EXT, FLUSH CACHE, 48-bit
-        w[84] = 0x4000
+        w[84] = 0x4020  # general purpose logging (READ LOG EXT)
         w[85] = 0x0008 | (0x0020 if self.disk.write_cache else 0) | 0x4000
         w[86] = 0x3400
-        w[87] = 0x4000
+        w[87] = 0x4020
         w[88] = 0x007F | (1 << (8 + self.udma_mode))
         w[100], w[101], w[102], w[103] = n & 0xFFFF, n >> 16 & 0xFFFF, n >> 32 & 0xFFFF, 0
         w[105] = DSM_MAX_BLOCKS

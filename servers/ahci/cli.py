@@ -59,6 +59,7 @@ class Config:
     ports: int
     allow_uid: tuple[int, ...] | None
     log_level: str
+    engine: str = "native"
 
 
 def split_options(text: str) -> dict[str, str]:
@@ -160,7 +161,7 @@ def parse(argv: list[str]) -> Config:
     if not max(1, len(drives)) <= ports <= MAX_PORTS:
         p.error(f"--ports {ports}: need 1-{MAX_PORTS} ports and one per drive ({len(drives)})")
     return Config(args.socket, args.fd, drives, ports,
-                  tuple(args.allow_uid) if args.allow_uid else None, args.log_level)
+                  tuple(args.allow_uid) if args.allow_uid else None, args.log_level, args.engine)
 
 
 def open_drive(spec: DriveSpec) -> AtaDisk | AtapiCdrom:
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     return run_server(device, listener, name=NAME,
                       allowed_uids=list(config.allow_uid) if config.allow_uid else None,
-                      cleanup=device.close)
+                      cleanup=device.close, engine=config.engine)
 
 
 if __name__ == "__main__":

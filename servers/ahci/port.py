@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Drive = AtaDisk | AtapiCdrom
+MAX_INFLIGHT = 2 * R.NUM_SLOTS  # jobs per port, current and aborted generations together
 
 
 def coalesce(sg: list[SgEntry]) -> list[SgEntry]:
@@ -139,6 +140,7 @@ class Port:
         self.queue: deque[Command] = deque()
         self.halted = False
         self.srst = False
+        self.deferred = 0  # issued slots waiting for old work to drain (see issue)
 
     # -- register helpers --------------------------------------------------------------
     def get(self, name: str) -> int:
@@ -161,6 +163,7 @@ class Port:
         self.gen += 1
         self.queue.clear()
         self.halted = False
+        self.deferred = 0
         self.set("PxCI", 0)
         self.set("PxSACT", 0)
         cmd = self.get("PxCMD") & ~(0x1F << R.CMD_CCS_SHIFT)
@@ -229,15 +232,27 @@ class Port:
         cmd = self.get("PxCMD")
         if not cmd & R.CMD_ST and self.inflight == 0 and cmd & R.CMD_CR:
             self.set("PxCMD", cmd & ~R.CMD_CR)
+        if self.deferred and self.inflight < MAX_INFLIGHT and not self.halted \
+                and cmd & R.CMD_ST:
+            slots, self.deferred = self.deferred, 0
+            self.issue(slots)
 
     # -- issue ------------------------------------------------------------------------
     def issue(self, slots: int) -> None:
-        """New PxCI bits (ST is set): fetch each command on a worker."""
+        """New PxCI bits (ST is set): fetch each command on a worker.
+
+        Work of aborted generations may still run; beyond MAX_INFLIGHT jobs new
+        slots wait in ``deferred``, so toggling ST in a loop cannot pile up
+        unbounded work.
+        """
         if self.drive is None:
             return  # no device answers: the slots stay issued until ST is cleared
         clb = self._addr("PxCLB", "PxCLBU")
         for slot in range(R.NUM_SLOTS):
             if slots >> slot & 1:
+                if self.inflight >= MAX_INFLIGHT:
+                    self.deferred |= 1 << slot
+                    continue
                 self.inflight += 1
                 self.hba.work.submit(partial(self._fetch_and_run, clb, slot, self.gen),
                                      partial(self._fetched, self.gen, slot))
@@ -375,6 +390,7 @@ class Port:
         else:
             bits = R.IS_DHRS | (R.IS_PSS if out.pio else 0)
         self.event(bits | (R.IS_DPS if cmd.irq_on_done else 0))
+        self._maybe_idle()
         self._pump()
 
     # -- errors (AHCI 6.1) -------------------------------------------------------------

@@ -576,3 +576,32 @@ def test_coalesce_merges_only_contiguous_entries() -> None:
     from xdevproto.pci.dma import SgEntry
     sg = [SgEntry(0, 10), SgEntry(10, 6), SgEntry(100, 4), SgEntry(104, 4), SgEntry(0, 2)]
     assert coalesce(sg) == [SgEntry(0, 16), SgEntry(100, 8), SgEntry(0, 2)]
+
+
+def test_start_stop_storm_keeps_work_bounded(drv: AhciDriver) -> None:
+    """Toggling ST with commands stuck in I/O never queues more than MAX_INFLIGHT jobs."""
+    from servers.ahci.port import MAX_INFLIGHT
+    gate = threading.Event()
+    drive = drv.dev.ports[0].drive
+    assert drive is not None
+    real = drive.execute
+
+    def stuck(tf, data, cdb=b""):
+        gate.wait(10)
+        return real(tf, data, cdb)
+
+    drive.execute = stuck  # type: ignore[method-assign]
+    for tag in range(32):
+        ncq_read(drv, tag, tag, 1)
+    peak = 0
+    for _ in range(20):
+        drv.issue(0, 0xFFFFFFFF, ncq=True)
+        peak = max(peak, drv.dev.ports[0].inflight)
+        drv.pwr(0, PxCMD, drv.prd(0, PxCMD) & ~1)
+        drv.pwr(0, PxCMD, drv.prd(0, PxCMD) | 1)
+    assert peak <= MAX_INFLIGHT
+    drv.issue(0, 0xFFFFFFFF, ncq=True)
+    gate.set()
+    assert not drv.wait_done(0, 0xFFFFFFFF) & TFES
+    assert drv.dev.ports[0].deferred == 0
+    check_serves(drv)
