@@ -31,9 +31,10 @@ def _d(explanation: str, *match: str) -> Divergence:
 
 NO_DMA = ("on a device without DMA set up (the null sample), libvfio-user answers every "
           "DMA_MAP and DMA_UNMAP with success and does nothing")
-GPIO_MIG = ("sample defect: gpio-pci-idio-16 asserts that MIG_DATA_READ asks for exactly its "
-            "1-byte state (samples/gpio-pci-idio-16.c, migration_read_data) and aborts "
-            "otherwise; the library passes the client's size through")
+GPIO_MIG = ("sample defect: gpio-pci-idio-16 asserts that MIG_DATA_READ asks for exactly "
+            "the size of its state, 64 bytes (samples/gpio-pci-idio-16.c, "
+            "migration_read_data: size == sizeof(pin)) and aborts otherwise; the library "
+            "passes the client's size through")
 SERVER_MIG = ("sample defect: the server sample asserts, on entering RUNNING (or STOP from "
               "STOP_COPY), that its whole state was transferred, even when no migration "
               "took place (samples/server.c, migration_device_state_transition)")
