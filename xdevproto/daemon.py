@@ -13,6 +13,10 @@ logging, signals.
   (sd-daemon(3)).
 * SIGTERM and SIGINT stop the server; the caller's cleanup (flushing a
   disk) runs before exit. No daemonising.
+* Protocol engine: ``--engine native`` (xdevproto.server, the default) or
+  ``--engine libvfio-user`` (the C library through :mod:`xdevproto.lvu`,
+  loaded at run time); the device object is the same for both. See
+  docs/libvfio-user-engine.md.
 """
 
 from __future__ import annotations
@@ -27,12 +31,18 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .device import Device
 from .server import Server
 from .transport import listen, listen_fds, socket_from_fd
 
+if TYPE_CHECKING:
+    from .lvu.engine import LvuServer
+
 log = logging.getLogger(__name__)
+
+ENGINES = ("native", "libvfio-user")
 
 _PRIORITY = {
     logging.CRITICAL: 2,
@@ -91,6 +101,23 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accept clients with this uid only (repeatable)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--engine", default="native", type=_engine, metavar="|".join(ENGINES),
+                        help="vfio-user protocol engine: xdev's own (native, the default) or "
+                             "libvfio-user's C library, loaded at run time (UNIX sockets "
+                             "only; --fd and socket activation work with both)")
+
+
+def _engine(name: str) -> str:
+    """argparse type for --engine: refuses libvfio-user now if it cannot be loaded."""
+    if name not in ENGINES:
+        raise argparse.ArgumentTypeError(f"unknown engine {name!r} (choose from "
+                                         f"{', '.join(ENGINES)})")
+    if name == "libvfio-user":
+        from .lvu.loader import unavailable_reason
+        reason = unavailable_reason()
+        if reason is not None:
+            raise argparse.ArgumentTypeError(reason)
+    return name
 
 
 def expand_config(argv: list[str]) -> list[str]:
@@ -137,9 +164,20 @@ def listener_from(socket_path: str | None, fd: int | None) -> socket.socket:
 
 def run_server(device: Device, listener: socket.socket, *, name: str,
                allowed_uids: list[int] | None = None,
-               cleanup: Callable[[], None] | None = None) -> int:
-    """Serve until SIGTERM/SIGINT; then clean up and say so to systemd."""
-    server = Server(device, allowed_uids=allowed_uids)
+               cleanup: Callable[[], None] | None = None, engine: str = "native") -> int:
+    """Serve until SIGTERM/SIGINT on ``engine`` (one of :data:`ENGINES`); then
+    clean up and say so to systemd."""
+    server: Server | LvuServer
+    if engine == "libvfio-user":
+        from .lvu.engine import LvuServer
+        if listener.family != socket.AF_UNIX:
+            if cleanup is not None:
+                cleanup()
+            listener.close()
+            raise SystemExit(f"{name}: --engine libvfio-user serves UNIX sockets only")
+        server = LvuServer(device, allowed_uids=allowed_uids)
+    else:
+        server = Server(device, allowed_uids=allowed_uids)
     def on_state(state: str) -> None:
         notify(f"STATUS={name}: {state}")
 
