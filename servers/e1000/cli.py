@@ -40,6 +40,7 @@ class Config:
     pcap: str | None
     allow_uid: tuple[int, ...] | None
     log_level: str
+    engine: str = "native"
 
 
 def parse_mac(text: str) -> bytes:
@@ -74,7 +75,7 @@ def parse(argv: list[str]) -> Config:
     except ValueError as exc:
         p.error(str(exc))
     return Config(args.socket, args.fd, mac, netdev, args.pcap,
-                  tuple(args.allow_uid) if args.allow_uid else None, args.log_level)
+                  tuple(args.allow_uid) if args.allow_uid else None, args.log_level, args.engine)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("MAC %s, back end %s", config.mac.hex(":"), config.netdev.kind)
     return run_server(device, listener, name=NAME,
                       allowed_uids=list(config.allow_uid) if config.allow_uid else None,
-                      cleanup=device.close)
+                      cleanup=device.close, engine=config.engine)
 
 
 if __name__ == "__main__":
