@@ -273,31 +273,39 @@ class Context:
         self._check(self._lib.vfu_setup_device_dma(self._c, max_regions, wrap(register),
                                                    wrap(unregister)), "vfu_setup_device_dma")
 
-    def _sgl(self, iova: int, length: int, prot: int) -> tuple[Any, int]:
+    def _sgl(self, iova: int, length: int, prot: int) -> tuple[Any, Any, int]:
+        """``vfu_addr_to_sgl``: (owner, ``dma_sg_t *``, entries).
+
+        The caller must hold ``owner`` (the cffi allocation) while it uses the
+        pointer: a cast does not keep the memory alive.
+        """
         n = 1
         while True:
-            sg = ffi.cast("dma_sg_t *", ffi.new("char[]", self._sg_size * n))
+            owner = ffi.new("char[]", self._sg_size * n)
+            sg = ffi.cast("dma_sg_t *", owner)
             got = self._lib.vfu_addr_to_sgl(self._c, ffi.cast("vfu_dma_addr_t", iova), length,
                                             sg, n, prot)
             if got >= 0:
-                return sg, got
+                return owner, sg, got
             if got == -1:
                 raise self._oserror(f"vfu_addr_to_sgl({iova:#x}+{length:#x})")
             n = -got - 1  # the library says how many entries it needs
 
     def dma_read(self, iova: int, length: int) -> bytes:
         """Read guest memory: direct when mapped with an fd, else a DMA_READ message."""
-        sg, n = self._sgl(iova, length, mmap.PROT_READ)
+        owner, sg, n = self._sgl(iova, length, mmap.PROT_READ)
         buf = ffi.new("char[]", length)
         self._check(self._lib.vfu_sgl_read(self._c, sg, n, buf, 0), "vfu_sgl_read")
+        del owner  # alive until here
         return ffi.buffer(buf, length)[:]
 
     def dma_write(self, iova: int, data: bytes) -> None:
         """Write guest memory: direct when mapped with an fd, else a DMA_WRITE message."""
-        sg, n = self._sgl(iova, len(data), mmap.PROT_WRITE)
+        owner, sg, n = self._sgl(iova, len(data), mmap.PROT_WRITE)
         buf = ffi.from_buffer(data)
         self._check(self._lib.vfu_sgl_write(self._c, sg, n, ffi.cast("void *", buf), 0),
                     "vfu_sgl_write")
+        del owner  # alive until here
 
     # -- reset, quiesce, migration --------------------------------------------------
 

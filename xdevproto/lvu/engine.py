@@ -20,15 +20,32 @@ contracts meet:
   ``vfu_sgl_write`` (a memcpy when the client passed an fd, DMA_READ/
   DMA_WRITE messages otherwise). libvfio-user is not thread-safe, so calls
   from worker threads are handed to the loop thread and waited for.
+* SET_IRQS MASK/UNMASK reach the device through the library's IRQ state
+  callback as ``set_irqs(index, ACTION_MASK|ACTION_UNMASK, start, count)``
+  (so INTx, which the PCI framework automasks on each edge, fires again
+  after the client's UNMASK). The library applies a range, ignoring a
+  DATA_BOOL selection, and GET_IRQ_INFO never says MASKABLE.
 * Reset: DEVICE and FLR call ``reset``; LOST_CONN calls ``detach``.
 * Migration v2: the library's states map onto the wire's
   (:data:`_MIG_STATES`); it walks every arc through STOP itself.
+* Dirty logging (DEVICE_FEATURE DMA_LOGGING_*): the library's own. It marks
+  pages written through ``vfu_sgl_write``, which is how every device write
+  to guest memory goes here; the device's ``dma_logging_*`` are not called.
+* Listening socket: libvfio-user has no call to adopt one, it binds a path
+  itself. To honour ``--fd`` and socket activation (and the native
+  runtime's stale-socket handling and 0600 mode for ``--socket``), the
+  engine can create its context on a private path and ``dup2`` the given
+  listening socket over the library's listening descriptor
+  (``vfu_get_poll_fd`` before the first attach, which at efd091b is the
+  only use of that descriptor besides ``accept`` and ``close``). UNIX
+  sockets only: the library passes fds with every mappable region.
+* ``allowed_uids``: the library accepts and answers VERSION itself, so a
+  client with another uid is checked right after and cut off (its socket
+  shut down) before the device sees it.
 
-Not covered yet: DMA dirty logging (the device's ``dma_logging_*`` are never
-called; libvfio-user does its own tracking), region-I/O fds, MASKABLE IRQ
-info and per-vector masking (SET_IRQS MASK reaches the device only through
-the IRQ state callback), and device-raised quiesce (the device's
-``dma_unmap`` must return only when DMA stopped, as for the native runtime).
+Not covered: region-I/O fds (ioeventfds) and device-raised quiesce (the
+device's ``dma_unmap`` must return only when DMA stopped, as for the native
+runtime).
 """
 
 from __future__ import annotations
@@ -38,15 +55,19 @@ import errno
 import logging
 import os
 import select
+import shutil
+import socket
 import struct
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from xdevproto import wire
 from xdevproto.device import Device, DeviceContext, DmaRegion
 from xdevproto.lvu.cdef import IrqType, MigrState, Region, RegionFlag, ResetType
 from xdevproto.lvu.context import Context, DmaInfo
+from xdevproto.transport import peer_credentials
 
 log = logging.getLogger("xdevproto.lvu.engine")
 
@@ -83,17 +104,33 @@ class _Context(DeviceContext):
 
 
 class LvuEngine:
-    """Serve ``device`` on ``socket_path`` with libvfio-user, one client at a time."""
+    """Serve ``device`` with libvfio-user, one client at a time.
 
-    def __init__(self, device: Device, socket_path: str) -> None:
+    Either on ``socket_path`` (created by the library; it must not exist) or
+    on ``listener``, a listening AF_UNIX socket the engine adopts (the
+    caller keeps and eventually closes its own descriptor).
+    """
+
+    def __init__(self, device: Device, socket_path: str | None = None, *,
+                 listener: socket.socket | None = None,
+                 allowed_uids: Iterable[int] | None = None) -> None:
+        if (socket_path is None) == (listener is None):
+            raise ValueError("give exactly one of socket_path and listener")
         self.device = device
-        self.ctx = Context(socket_path, nonblocking=True)
+        self.allowed_uids = frozenset(allowed_uids) if allowed_uids is not None else None
+        self.on_state: Callable[[str], None] | None = None
+        if listener is not None:
+            self.ctx = _adopting_context(listener)
+        else:
+            assert socket_path is not None
+            self.ctx = Context(socket_path, nonblocking=True)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._jobs: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
         self._jobs_lock = threading.Lock()
         self._loop_thread: int | None = None
         self._stopping = False
         self._attached = False
+        self._refused = False
         self._irq_fds: dict[int, tuple[int, int]] = {}  # our eventfd -> (index, vector)
         self._configure()
 
@@ -113,6 +150,7 @@ class LvuEngine:
             count = dev.irq(irq).count
             if count:
                 ctx.setup_irqs(irq, count)
+                ctx.on_irq_state(irq, self._irq_state_cb(irq))
         ctx.setup_dma(self._dma_map, self._dma_unmap)
         ctx.on_reset(self._reset)
         if dev.migration_flags:
@@ -181,8 +219,16 @@ class LvuEngine:
             self._attached = False
             self._drop_irq_fds()
             self.device.detach()
+            self._notify("waiting for a client")
 
     # -- interrupts -------------------------------------------------------------------
+
+    def _irq_state_cb(self, irq: IrqType) -> Callable[[int, int, bool], None]:
+        def on_state(start: int, count: int, masked: bool) -> None:
+            action = (wire.SetIrqsFlags.ACTION_MASK if masked
+                      else wire.SetIrqsFlags.ACTION_UNMASK)
+            self.device.set_irqs(irq, action, start, count, None, None)
+        return on_state
 
     def _give_irq_fds(self) -> None:
         for irq in IrqType:
@@ -255,7 +301,7 @@ class LvuEngine:
         self._fail_jobs()
 
     def _step(self) -> None:
-        if not self._attached:
+        if not self._attached and not self._refused:
             try:
                 # accepts and reads VERSION (blocking: a silent client stalls us,
                 # as it stalls libvfio-user's own samples)
@@ -264,15 +310,45 @@ class LvuEngine:
                 if exc.errno != errno.EAGAIN:  # the library closed the bad client
                     log.info("client refused at VERSION: %s", exc)
                 return
+            if not self._permitted():
+                self._refused = True  # the next run() sees it gone
+                return
             self._attached = True
             self.device.attach(_Context(self))
             self._give_irq_fds()
+            self._notify("client connected")
             return
         try:
             self.ctx.run()
         except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.ENOTCONN, errno.ECONNRESET):
+            if exc.errno in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
+                self._refused = False
+            elif exc.errno != errno.EAGAIN:
                 raise
+
+    def _permitted(self) -> bool:
+        """Check the client's uid; cut off one that is not allowed.
+
+        The library already answered its VERSION; shutting the connection
+        down makes the next ``vfu_run_ctx`` see it gone (ENOTCONN), and the
+        library then waits for the next client.
+        """
+        if self.allowed_uids is None:
+            return True
+        conn = socket.socket(fileno=os.dup(self.ctx.poll_fd()))
+        try:
+            cred = peer_credentials(conn)
+            if cred is None or cred.uid in self.allowed_uids:
+                return True
+            log.warning("refusing client pid %d uid %d", cred.pid, cred.uid)
+            conn.shutdown(socket.SHUT_RDWR)
+            return False
+        finally:
+            conn.close()
+
+    def _notify(self, state: str) -> None:
+        if self.on_state is not None:
+            self.on_state(state)
 
     def _fail_jobs(self) -> None:
         with self._jobs_lock:
@@ -290,3 +366,66 @@ class LvuEngine:
         self.ctx.destroy()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _adopting_context(listener: socket.socket) -> Context:
+    """A nonblocking Context that accepts on ``listener`` instead of its own socket.
+
+    See the module docstring: the library binds a private path, then its
+    listening descriptor is replaced by a duplicate of ``listener``'s.
+    """
+    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
+        raise ValueError("libvfio-user serves UNIX stream sockets only "
+                         f"(got {listener.family.name}/{listener.type.name})")
+    tmp = tempfile.mkdtemp(prefix="xdev-lvu-")
+    try:
+        ctx = Context(os.path.join(tmp, "unused.sock"), nonblocking=True)
+        try:
+            # O_NONBLOCK lives in the open file description dup2 shares: the
+            # library opened its own socket nonblocking (ATTACH_NB) and
+            # expects accept() to say EAGAIN
+            listener.setblocking(False)
+            os.dup2(listener.fileno(), ctx.poll_fd(), inheritable=False)
+        except BaseException:
+            ctx.destroy()
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ctx
+
+
+class LvuServer:
+    """:class:`LvuEngine` behind the native :class:`~xdevproto.server.Server`'s
+    face (``serve(listener)``, ``stop()``, ``on_state``), for the daemons."""
+
+    def __init__(self, device: Device, *, allowed_uids: Iterable[int] | None = None) -> None:
+        self.device = device
+        self.allowed_uids = allowed_uids
+        self.on_state: Callable[[str], None] | None = None
+        self._engine: LvuEngine | None = None
+        self._stopped = False
+        # re-entrant: stop() runs in signal handlers, maybe while serve() holds it
+        self._lock = threading.RLock()
+
+    def serve(self, listener: socket.socket) -> None:
+        """Serve clients on ``listener`` until :meth:`stop`."""
+        engine = LvuEngine(self.device, listener=listener, allowed_uids=self.allowed_uids)
+        engine.on_state = self.on_state
+        with self._lock:
+            self._engine = engine
+            if self._stopped:
+                engine.stop()
+        try:
+            if self.on_state is not None:
+                self.on_state("waiting for a client")
+            engine.serve()
+        finally:
+            with self._lock:
+                self._engine = None
+            engine.close()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            if self._engine is not None:
+                self._engine.stop()
