@@ -288,6 +288,19 @@ class AtapiCdrom:
             reply = struct.pack(">HBB", 2, 0x80, 0x10)
         return self._reply(data, reply, _be16(cdb, 7))
 
+    def read_disc_information(self, cdb: bytes, data: DataPhase) -> Outcome:
+        """MMC-6 6.22: a complete, finalised single-session disc (data type 0 only)."""
+        self._need_medium()
+        if cdb[1] & 7:
+            raise CheckCondition(INVALID_FIELD)
+        reply = bytearray(34)
+        reply[0:2] = (32).to_bytes(2, "big")
+        reply[2] = 0x0E  # last session complete, disc complete
+        reply[3] = reply[4] = reply[5] = reply[6] = 1
+        reply[7] = 0x20  # unrestricted use
+        reply[16:24] = b"\xff" * 8  # no lead-in / lead-out to record
+        return self._reply(data, reply, _be16(cdb, 7))
+
     def no_data_ok(self, cdb: bytes, data: DataPhase) -> Outcome:
         return Outcome()
 
@@ -306,6 +319,7 @@ _MMC = {
     0x43: AtapiCdrom.read_toc,
     0x46: AtapiCdrom.get_configuration,
     0x4A: AtapiCdrom.get_event_status,
+    0x51: AtapiCdrom.read_disc_information,
     0x5A: AtapiCdrom.mode_sense,
     0xBB: AtapiCdrom.no_data_ok,  # SET CD SPEED
 }

@@ -382,3 +382,10 @@ def test_empty_drive_is_not_ready() -> None:
     assert out.failed and sense(dev) == (2, 0x3A)
     out, _ = packet(dev, bytes([0x28]).ljust(12, b"\0"))
     assert out.failed
+
+
+def test_atapi_read_disc_information(cdrom: AtapiCdrom) -> None:
+    out, data = packet(cdrom, bytes([0x51, 0, 0, 0, 0, 0, 0, 0, 34, 0]).ljust(12, b"\0"))
+    assert not out.failed and out.transferred == 34 and data[2] == 0x0E and data[3] == 1
+    out, _ = packet(cdrom, bytes([0x51, 1, 0, 0, 0, 0, 0, 0, 34, 0]).ljust(12, b"\0"))
+    assert out.failed and sense(cdrom) == (5, 0x24)
