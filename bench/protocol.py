@@ -32,12 +32,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xdevproto.client import Client  # noqa: E402
-from xdevproto.guestmem import MemfdRam  # noqa: E402
-from xdevproto.server import Server  # noqa: E402
-from xdevproto.testdev import BUF_OFF, TestDevice  # noqa: E402
-from xdevproto.transport import listen  # noqa: E402
-from xdevproto.wire import PciRegion  # noqa: E402
+from xdevproto.client import Client
+from xdevproto.guestmem import MemfdRam
+from xdevproto.server import Server
+from xdevproto.testdev import BUF_OFF, TestDevice
+from xdevproto.transport import listen
+from xdevproto.wire import PciRegion
 
 REQ = 32  # header + REGION_READ request
 REP = 36  # header + REGION_READ reply header + 4 bytes
