@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(expand_config(list(sys.argv[1:] if argv is None else argv)))
     setup_logging(args.log_level, "xdev-testdev")
     listener = listener_from(args.socket, args.fd)
-    return run_server(TestDevice(), listener, name="xdev-testdev", allowed_uids=args.allow_uid)
+    return run_server(TestDevice(), listener, name="xdev-testdev", allowed_uids=args.allow_uid,
+                      engine=args.engine)
 
 
 if __name__ == "__main__":
