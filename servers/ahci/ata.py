@@ -25,7 +25,6 @@ from .disk import SECTOR, DiskError, DiskImage, ReadOnlyError
 # Status (ACS-3 6.2) and error (6.3) bits.
 ST_ERR, ST_DRQ, ST_DSC, ST_DF, ST_DRDY, ST_BSY = 0x01, 0x08, 0x10, 0x20, 0x40, 0x80
 ER_ABRT, ER_IDNF, ER_UNC, ER_ICRC = 0x04, 0x10, 0x40, 0x80
-ER_WP = 0x40  # "write protected" for removable media; we use ABRT for disks
 
 LBA28_MAX = 0x0FFFFFFF
 NCQ_DEPTH = 32

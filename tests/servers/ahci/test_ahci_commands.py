@@ -389,3 +389,18 @@ def test_atapi_read_disc_information(cdrom: AtapiCdrom) -> None:
     assert not out.failed and out.transferred == 34 and data[2] == 0x0E and data[3] == 1
     out, _ = packet(cdrom, bytes([0x51, 1, 0, 0, 0, 0, 0, 0, 34, 0]).ljust(12, b"\0"))
     assert out.failed and sense(cdrom) == (5, 0x24)
+
+
+def test_empty_image_has_no_sectors_and_no_arithmetic_traps(tmp_path: Path) -> None:
+    # CVE-2015-6855 pattern: nothing divides by or underflows on a zero-sized medium
+    p = tmp_path / "empty.img"
+    p.write_bytes(b"")
+    dev = make(p)
+    assert words(dev.identify())[60] == 0
+    assert dev.execute(TaskFile(Cmd.READ_NATIVE_MAX_EXT), BufferPhase(0)).lba == 0
+    assert dev.execute(TaskFile(Cmd.READ_DMA_EXT, lba=0, count=1), BufferPhase(SECTOR)).failed
+    cd = AtapiCdrom(DiskImage(DiskSpec(str(p), readonly=True)))
+    out, data = packet(cd, bytes([0x25]).ljust(12, b"\0"))
+    assert not out.failed
+    out, _ = packet(cd, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]))
+    assert out.failed and sense(cd) == (5, 0x21)
