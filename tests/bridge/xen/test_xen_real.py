@@ -4,8 +4,8 @@ dom0 starts ``mmio_echo_server.py``, then creates an HVM guest; the server (the 
 cffi bindings, resource-mapped ioreq pages, xenstore, privilege drop) serves it.  The
 guest polls with ``devmem`` until the page answers (until the claim, its
 reads go to QEMU and return all-ones), reads and writes it, and prints the
-values.  Destroying the guest must make the server tear down by itself
-(``@releaseDomain``).
+values, and powers off: the server must then tear down by itself
+(``@releaseDomain``) and exit.
 """
 
 from __future__ import annotations
@@ -63,14 +63,12 @@ for attempt in 1 2 3; do
     echo "attempt $attempt failed" >> "$XDEV_RUN/status"
 done
 xdev_guest_start mmio || exit 3
-xdev_guest_wait mmio XDEV-MMIO-DONE 900
-echo "wait=$?" >> "$XDEV_RUN/status"
-xl destroy mmio
-for i in $(seq 60); do kill -0 $server 2>/dev/null || break; sleep 1; done
-if kill -0 $server 2>/dev/null; then echo alive >> "$XDEV_RUN/status"; kill $server; fi
+# The guest powers off after its last line; the server exits by itself when
+# the domain is released.  Waiting for it with the shell builtin avoids
+# exec'ing tools in dom0 here: processes started in this window were seen to
+# misbehave (grep spinning for minutes on a 300-byte file).
 wait $server
 echo "server=$?" >> "$XDEV_RUN/status"
-cat "$XDEV_RUN"/server.log.* > "$XDEV_RUN/server.log"
 kill $watchdog
 """
 
@@ -92,13 +90,12 @@ def test_guest_reads_and_writes_our_mmio_and_death_tears_down(emuhost: EmuHost) 
     result = emuhost.run(DOM0_SCRIPT, guests=[HvmGuest(name="mmio", init_script=GUEST_INIT)],
                          timeout=1500)
     status = result.file("status")
-    log = result.file("server.log")
+    log = "".join(p.read_text() for p in sorted(result.results_dir.glob("server.log.*")))
     serial = result.guest_serial("mmio")
     text = result.file("report.json") if (result.results_dir / "report.json").exists() else ""
     assert text.strip(), f"no report from the server: {status}\n{log}"
     report = json.loads(text)
     assert "error" not in report, report.get("error", "") + log
-    assert "wait=0" in status, status + serial[-2000:] + log
     values = dict(re.findall(r"^(XDEV-R\w+) (\S+)", serial, re.M))
     assert values == {"XDEV-R0": "0xC0FFEE00", "XDEV-R4": "0xC0FFEE04",
                       "XDEV-R8": "0x12345678", "XDEV-R10": "0x10"}, serial[-2000:]
@@ -108,4 +105,4 @@ def test_guest_reads_and_writes_our_mmio_and_death_tears_down(emuhost: EmuHost) 
     assert report["published_state"] == "running"
     # Teardown when the guest died: the watch stopped the server, nobody killed it.
     assert report["gone"] is True and report["closed"] is True
-    assert "alive" not in status and "server=0" in status, status
+    assert "server=0" in status, status
