@@ -165,10 +165,21 @@ class Session(DeviceContext):
     def _call(self, command: Command, payload: wire.Payload) -> Reply:
         if self.closed:
             raise ConnectionClosed("client is gone")
-        if self._twin is not None:
-            reply = self._call_twin(command, payload)
-        else:
-            reply = self._call_main(command, payload)
+        try:
+            if self._twin is not None:
+                reply = self._call_twin(command, payload)
+            else:
+                reply = self._call_main(command, payload)
+        except PeerProtocolError as exc:
+            if exc.fatal:
+                # The device may swallow the error (it is a DMA failure to
+                # the device); the session must still end: shut the socket
+                # so the loop sees EOF instead of waiting on a dead stream.
+                try:
+                    self.transport.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            raise
         if reply.error:
             raise DeviceError(f"client refused {command.name}", reply.error)
         return reply
