@@ -1,0 +1,378 @@
+"""The validation rules end to end: raw socket bytes against the running
+server with the test device. Each bad message gets an error reply with the
+right errno (and the session goes on), or the server hangs up cleanly; the
+server always keeps serving the next client."""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import pytest
+
+from xdevproto import wire
+from xdevproto.client import Client
+from xdevproto.errors import RemoteError
+from xdevproto.testdev import BUF_OFF, ID_VALUE, TestDevice
+from xdevproto.transport import fds_from_ancillary
+from xdevproto.wire import Command
+
+
+class Served(Protocol):
+    """The ``served`` fixture of conftest.py: the test device on a socket."""
+
+    path: str
+    device: TestDevice
+
+EINVAL, ENOSYS = errno.EINVAL, errno.ENOSYS
+REPLY, ERROR = 0x1, 0x20
+
+
+def msg(msg_id: int, command: int, payload: bytes = b"", flags: int = 0, error: int = 0,
+        size: int | None = None) -> bytes:
+    n = 16 + len(payload) if size is None else size
+    return struct.pack("<HHIII", msg_id, command, n, flags, error) + payload
+
+
+VERSION = struct.pack("<HH", 0, 2) + b'{"capabilities":{"max_msg_fds":8}}\0'
+
+
+class Raw:
+    """A hand-driven client socket."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+
+    def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+               if fds else [])
+        self.sock.sendmsg([data], anc)
+
+    def _exact(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise EOFError
+            out += chunk
+        return out
+
+    def recv(self) -> tuple[wire.Header, bytes, list[int]]:
+        head, anc, _, _ = self.sock.recvmsg(16, socket.CMSG_SPACE(4 * 8))
+        if not head:
+            raise EOFError
+        head += self._exact(16 - len(head))
+        hdr = wire.Header.decode(head)
+        return hdr, self._exact(hdr.msg_size - 16), fds_from_ancillary(anc)
+
+    def call(self, data: bytes, fds: Sequence[int] = ()) -> tuple[wire.Header, bytes]:
+        self.send(data, fds)
+        hdr, body, rfds = self.recv()
+        for fd in rfds:
+            os.close(fd)
+        return hdr, body
+
+    def closed_by_peer(self) -> bool:
+        try:
+            while self.sock.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw(served: Served) -> Iterator[Raw]:
+    r = Raw(served.path)
+    hdr, body = r.call(msg(1, Command.VERSION, VERSION))
+    assert hdr.flags == REPLY and hdr.error == 0
+    yield r
+    r.close()
+
+
+def assert_error(hdr: wire.Header, msg_id: int, command: int, err: int) -> None:
+    assert (hdr.msg_id, hdr.command, hdr.msg_size) == (msg_id, command, 16)
+    assert hdr.flags == REPLY | ERROR and hdr.error == err
+
+
+def still_serving(r: Raw) -> None:
+    hdr, body = r.call(msg(900, Command.REGION_READ, struct.pack("<QII", 0, 0, 4)))
+    assert hdr.flags == REPLY and body[16:] == struct.pack("<I", ID_VALUE)
+
+
+def next_client_works(served: Served) -> None:
+    """The server takes a new client once it has torn the last one down
+    (asynchronously: until then a newcomer is refused with EBUSY)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            c = Client.connect(served.path, timeout=10)
+        except RemoteError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+            continue
+        with c:
+            assert c.region_read(0, 0, 4) == struct.pack("<I", ID_VALUE)
+        return
+
+
+def set_irqs(flags: int, count: int, data: bytes = b"", argsz: int | None = None) -> bytes:
+    n = 20 + len(data) if argsz is None else argsz
+    return msg(5, Command.DEVICE_SET_IRQS, struct.pack("<IIIII", n, flags, 1, 0, count) + data)
+
+
+REFUSED = {
+    "unknown command 14": (msg(5, 14), ENOSYS),
+    "unknown command 19": (msg(5, 19, b"\0" * 8), ENOSYS),
+    "unknown command 0xffff": (msg(5, 0xFFFF), ENOSYS),
+    "bad type bits": (msg(5, Command.DEVICE_RESET, flags=0x2), EINVAL),
+    "unknown flag bit": (msg(5, Command.DEVICE_RESET, flags=0x40), EINVAL),
+    "error bit on a command": (msg(5, Command.DEVICE_RESET, flags=0x20, error=5), EINVAL),
+    "VERSION twice": (msg(5, Command.VERSION, VERSION), EINVAL),
+    "DMA_READ to the server": (msg(5, Command.DMA_READ, struct.pack("<QQ", 0, 4)), EINVAL),
+    "DMA_MAP argsz": (msg(5, Command.DMA_MAP, struct.pack("<IIQQQ", 31, 3, 0, 0, 4096)), EINVAL),
+    "DMA_MAP bad flags": (msg(5, Command.DMA_MAP, struct.pack("<IIQQQ", 32, 0x10, 0, 0, 4096)),
+                          EINVAL),
+    "DMA_MAP zero size": (msg(5, Command.DMA_MAP, struct.pack("<IIQQQ", 32, 3, 0, 0, 0)), EINVAL),
+    "DMA_MAP wraps": (msg(5, Command.DMA_MAP,
+                          struct.pack("<IIQQQ", 32, 3, 0, (1 << 64) - 4096, 8192)), EINVAL),
+    "DMA_MAP offset without fd": (msg(5, Command.DMA_MAP,
+                                      struct.pack("<IIQQQ", 32, 3, 4096, 0, 4096)), EINVAL),
+    "DMA_UNMAP argsz": (msg(5, Command.DMA_UNMAP, struct.pack("<IIQQ", 8, 0, 0, 4096)), EINVAL),
+    "DMA_UNMAP ALL with address": (msg(5, Command.DMA_UNMAP, struct.pack("<IIQQ", 24, 2, 4096, 0)),
+                                   EINVAL),
+    "DEVICE_GET_INFO argsz": (msg(5, Command.DEVICE_GET_INFO, struct.pack("<IIII", 8, 0, 0, 0)),
+                              EINVAL),
+    "GET_REGION_INFO argsz": (msg(5, Command.DEVICE_GET_REGION_INFO,
+                                  struct.pack("<IIIIQQ", 16, 0, 0, 0, 0, 0)), EINVAL),
+    "GET_REGION_IO_FDS argsz": (msg(5, Command.DEVICE_GET_REGION_IO_FDS,
+                                    struct.pack("<IIII", 4, 0, 0, 0)), EINVAL),
+    "GET_IRQ_INFO argsz": (msg(5, Command.DEVICE_GET_IRQ_INFO, struct.pack("<IIII", 0, 0, 0, 0)),
+                           EINVAL),
+    "SET_IRQS two data types": (set_irqs(0x23, 1, b"\1"), EINVAL),
+    "SET_IRQS two actions": (set_irqs(0x31, 1), EINVAL),
+    "SET_IRQS BOOL length": (set_irqs(0x22, 2, b"\1"), EINVAL),
+    "SET_IRQS EVENTFD count 0": (set_irqs(0x24, 0), EINVAL),
+    "SET_IRQS argsz": (set_irqs(0x21, 1, argsz=16), EINVAL),
+    "REGION_WRITE short data": (msg(5, Command.REGION_WRITE,
+                                    struct.pack("<QII", 4, 0, 4) + b"ab"), EINVAL),
+    "REGION_READ over max xfer": (msg(5, Command.REGION_READ,
+                                      struct.pack("<QII", 0, 0, (1 << 20) + 1)), EINVAL),
+    "REGION_WRITE_MULTI not negotiated": (msg(5, Command.REGION_WRITE_MULTI, struct.pack(
+        "<QQII8s", 1, 4, 0, 4, b"abcd")), EINVAL),
+    "DEVICE_FEATURE GET|SET": (msg(5, Command.DEVICE_FEATURE, struct.pack("<II", 8, 0x30002)),
+                               EINVAL),
+    "DEVICE_FEATURE unknown flag": (msg(5, Command.DEVICE_FEATURE,
+                                        struct.pack("<II", 8, 0x80002)), EINVAL),
+    "MIG_DATA_READ argsz": (msg(5, Command.MIG_DATA_READ, struct.pack("<II", 8, 64)), EINVAL),
+    "MIG_DATA_WRITE size": (msg(5, Command.MIG_DATA_WRITE, struct.pack("<II", 64, 8) + b"x"),
+                            EINVAL),
+    "DEVICE_RESET with payload": (msg(5, Command.DEVICE_RESET, b"\0" * 4), EINVAL),
+    # refused by the device, not the connection: the same path for the client
+    "no such region": (msg(5, Command.DEVICE_GET_REGION_INFO,
+                           struct.pack("<IIIIQQ", 32, 0, 99, 0, 0, 0)), EINVAL),
+    "access beyond the region": (msg(5, Command.REGION_READ,
+                                     struct.pack("<QII", 0xFFE, 0, 4)), EINVAL),
+    "no such IRQ index": (msg(5, Command.DEVICE_GET_IRQ_INFO, struct.pack("<IIII", 16, 0, 9, 0)),
+                          EINVAL),
+}
+
+
+@pytest.mark.parametrize("data,err", REFUSED.values(), ids=REFUSED.keys())
+def test_refused_with_errno_and_session_goes_on(raw: Raw, data: bytes, err: int) -> None:
+    hdr, _ = raw.call(data)
+    assert_error(hdr, 5, wire.Header.decode(data).command, err)
+    still_serving(raw)
+
+
+def test_all_refusals_in_one_session(raw: Raw) -> None:
+    """Pipelined: every refusal in one write, answered in order."""
+    raw.send(b"".join(data for data, _ in REFUSED.values()))
+    for data, err in REFUSED.values():
+        hdr, _, fds = raw.recv()
+        assert not fds
+        assert_error(hdr, 5, wire.Header.decode(data).command, err)
+    still_serving(raw)
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("data", [
+    msg(5, Command.DEVICE_GET_INFO, struct.pack("<IIII", 16, 0, 0, 0)),
+    msg(5, Command.REGION_READ, struct.pack("<QII", 0, 0, 4)),
+    msg(5, Command.DEVICE_RESET),
+    msg(5, Command.DMA_UNMAP, struct.pack("<IIQQ", 24, 2, 0, 0)),
+    set_irqs(0x21, 1),
+    set_irqs(0x24, 2),  # one fd more than count... see nfds below
+], ids=["GET_INFO", "REGION_READ", "RESET", "UNMAP", "SET_IRQS-NONE", "SET_IRQS-EVENTFD-2"])
+def test_fds_on_wrong_message_are_closed_by_server(raw: Raw, data: bytes) -> None:
+    """The server runs in this process, so fds it keeps show up here."""
+    pipes = [os.pipe() for _ in range(2)]
+    fds = [p[0] for p in pipes] + [p[1] for p in pipes][:1]  # 3 fds
+    base = fd_count()
+    hdr, _ = raw.call(data, fds)
+    assert_error(hdr, 5, wire.Header.decode(data).command, EINVAL)
+    assert fd_count() == base, "the server kept fds it refused"
+    for p in pipes:
+        os.close(p[0])
+        os.close(p[1])
+    still_serving(raw)
+
+
+def test_no_reply_refusal_sends_nothing(raw: Raw) -> None:
+    raw.send(msg(7, 14, flags=0x10))
+    still_serving(raw)  # the first thing back is this reply, not an error for 7
+
+
+# -- fatal: the server hangs up, then serves the next client ----------------------------
+
+
+FATAL = {
+    "msg_size below 16": msg(5, Command.DEVICE_RESET, size=8),
+    "msg_size oversize": msg(5, Command.REGION_WRITE, size=0x7FFFFFFF),
+    "reply never asked for": msg(5, Command.DEVICE_GET_INFO, struct.pack("<IIII", 16, 0, 0, 0),
+                                 flags=REPLY),
+}
+
+
+@pytest.mark.parametrize("data", FATAL.values(), ids=FATAL.keys())
+def test_fatal_hangs_up_and_next_client_works(served: Served, raw: Raw, data: bytes) -> None:
+    raw.send(data)
+    assert raw.closed_by_peer()
+    next_client_works(served)
+
+
+def test_fds_mid_message_hang_up(served: Served, raw: Raw) -> None:
+    data = set_irqs(0x24, 1)
+    raw.send(data[:10])
+    r, w = os.pipe()
+    base = fd_count()
+    raw.send(data[10:], [r])
+    assert raw.closed_by_peer()
+    next_client_works(served)
+    assert fd_count() <= base
+    os.close(r)
+    os.close(w)
+
+
+def test_short_header_then_eof(served: Served, raw: Raw) -> None:
+    raw.send(b"\x05\x00\x04\x00\x20")
+    raw.sock.shutdown(socket.SHUT_WR)
+    assert raw.closed_by_peer()
+    next_client_works(served)
+
+
+def test_command_before_version_then_version(served: Served) -> None:
+    r = Raw(served.path)
+    hdr, _ = r.call(msg(3, Command.DEVICE_GET_INFO, struct.pack("<IIII", 16, 0, 0, 0)))
+    assert_error(hdr, 3, Command.DEVICE_GET_INFO, EINVAL)
+    hdr, body = r.call(msg(4, Command.VERSION, VERSION))
+    assert hdr.flags == REPLY
+    still_serving(r)
+    r.close()
+
+
+@pytest.mark.parametrize("text", [
+    b"{oops", b'{"capabilities":{"max_msg_fds":"8"}}', b'{"capabilities":{"max_msg_fds":-1}}',
+    b'{"capabilities":{"max_msg_fds":4096}}', b'{"x":"\xff"}',
+], ids=["syntax", "string", "negative", "too-large", "not-utf8"])
+def test_bad_version_json(served: Served, text: bytes) -> None:
+    r = Raw(served.path)
+    hdr, _ = r.call(msg(1, Command.VERSION, struct.pack("<HH", 0, 2) + text + b"\0"))
+    assert_error(hdr, 1, Command.VERSION, EINVAL)
+    r.close()
+    next_client_works(served)
+
+
+def test_version_major_mismatch_closes(served: Served) -> None:
+    r = Raw(served.path)
+    hdr, _ = r.call(msg(1, Command.VERSION, struct.pack("<HH", 1, 0) + b"{}\0"))
+    assert hdr.flags == REPLY | ERROR and hdr.error != 0
+    assert r.closed_by_peer()
+    r.close()
+    next_client_works(served)
+
+
+def test_version_with_fd_refused(served: Served) -> None:
+    rd, wr = os.pipe()
+    r = Raw(served.path)
+    hdr, _ = r.call(msg(1, Command.VERSION, VERSION), [rd])
+    assert_error(hdr, 1, Command.VERSION, EINVAL)
+    r.close()
+    os.close(rd)
+    os.close(wr)
+    next_client_works(served)
+
+
+# -- what the client sends back for the server's DMA --------------------------------------
+
+
+def start_dma(raw: Raw, cmd: int) -> int:
+    """Map message-only DMA, start the device's engine; returns the msg_id
+    of the REGION_WRITE whose reply comes after the device's DMA."""
+    hdr, _ = raw.call(msg(10, Command.DMA_MAP, struct.pack("<IIQQQ", 32, 3, 0, 0, 1 << 16)))
+    assert hdr.flags == REPLY
+    hdr, _ = raw.call(msg(11, Command.REGION_WRITE,
+                          struct.pack("<QII", 0x08, 0, 12) + struct.pack("<QI", 0x100, 4)))
+    assert hdr.flags == REPLY
+    raw.send(msg(12, Command.REGION_WRITE, struct.pack("<QII", 0x14, 0, 4)
+                  + struct.pack("<I", cmd)))
+    return 12
+
+
+def dma_status(raw: Raw) -> int:
+    hdr, body = raw.call(msg(13, Command.REGION_READ, struct.pack("<QII", 0x18, 0, 4)))
+    return int(struct.unpack_from("<I", body, 16)[0])
+
+
+def test_dma_read_error_reply_with_payload(served: Served, raw: Raw) -> None:
+    """libvfio-user style: the error reply still carries a payload; the
+    server takes the errno and ignores the payload."""
+    start_dma(raw, 1)
+    hdr, body, _ = raw.recv()
+    assert hdr.command == Command.DMA_READ and hdr.flags == 0
+    assert body == struct.pack("<QQ", 0x100, 4)
+    raw.send(msg(hdr.msg_id, Command.DMA_READ, body + b"\0" * 4, flags=REPLY | ERROR,
+                 error=errno.EFAULT))
+    hdr, _, _ = raw.recv()
+    assert (hdr.msg_id, hdr.flags) == (12, REPLY)
+    assert dma_status(raw) == errno.EFAULT
+
+
+@pytest.mark.parametrize("reply", [
+    b"",  # QEMU: header only
+    struct.pack("<QI", 0x100, 4),  # the spec's table: u64 address, u32 count
+    struct.pack("<QQ", 0x100, 4),  # libvfio-user: the 16-byte echo
+], ids=["qemu", "spec", "libvfio-user"])
+def test_dma_write_reply_variants(served: Served, raw: Raw, reply: bytes) -> None:
+    served.device.regs[BUF_OFF:BUF_OFF + 4] = b"wxyz"
+    start_dma(raw, 2)
+    hdr, body, _ = raw.recv()
+    assert hdr.command == Command.DMA_WRITE
+    assert body == struct.pack("<QQ", 0x100, 4) + b"wxyz"
+    raw.send(msg(hdr.msg_id, Command.DMA_WRITE, reply, flags=REPLY))
+    hdr, _, _ = raw.recv()
+    assert (hdr.msg_id, hdr.flags) == (12, REPLY)
+    assert dma_status(raw) == 0
+
+
+def test_bad_dma_reply_hangs_up(served: Served, raw: Raw) -> None:
+    start_dma(raw, 1)
+    hdr, _, _ = raw.recv()
+    raw.send(msg(hdr.msg_id, Command.DMA_READ, b"\0" * 5, flags=REPLY))  # short payload
+    assert raw.closed_by_peer()
+    next_client_works(served)
