@@ -207,29 +207,44 @@ def test_all_refusals_in_one_session(raw: Raw) -> None:
     still_serving(raw)
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def pipes_to_send(n: int) -> tuple[list[int], list[int]]:
+    """n pipes: (read ends we keep, write ends to send and then close)."""
+    pairs = [os.pipe() for _ in range(n)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-@pytest.mark.parametrize("data", [
-    msg(5, Command.DEVICE_GET_INFO, struct.pack("<IIII", 16, 0, 0, 0)),
-    msg(5, Command.REGION_READ, struct.pack("<QII", 0, 0, 4)),
-    msg(5, Command.DEVICE_RESET),
-    msg(5, Command.DMA_UNMAP, struct.pack("<IIQQ", 24, 2, 0, 0)),
-    set_irqs(0x21, 1),
-    set_irqs(0x24, 2),  # one fd more than count... see nfds below
-], ids=["GET_INFO", "REGION_READ", "RESET", "UNMAP", "SET_IRQS-NONE", "SET_IRQS-EVENTFD-2"])
-def test_fds_on_wrong_message_are_closed_by_server(raw: Raw, data: bytes) -> None:
-    """The server runs in this process, so fds it keeps show up here."""
-    pipes = [os.pipe() for _ in range(2)]
-    fds = [p[0] for p in pipes] + [p[1] for p in pipes][:1]  # 3 fds
-    base = fd_count()
-    hdr, _ = raw.call(data, fds)
+def all_writers_gone(read_fds: list[int]) -> bool:
+    """EOF on a pipe means every copy of its write end is closed -- here,
+    the copies the server received (it runs in this process)."""
+    gone = True
+    for fd in read_fds:
+        os.set_blocking(fd, False)
+        try:
+            gone = gone and os.read(fd, 1) == b""
+        except BlockingIOError:
+            gone = False
+        os.close(fd)
+    return gone
+
+
+@pytest.mark.parametrize("data,nfds", [
+    (msg(5, Command.DEVICE_GET_INFO, struct.pack("<IIII", 16, 0, 0, 0)), 1),
+    (msg(5, Command.REGION_READ, struct.pack("<QII", 0, 0, 4)), 1),
+    (msg(5, Command.DEVICE_RESET), 1),
+    (msg(5, Command.DMA_UNMAP, struct.pack("<IIQQ", 24, 2, 0, 0)), 1),
+    (set_irqs(0x21, 1), 1),
+    (set_irqs(0x24, 2), 3),  # EVENTFD takes 0 or count fds
+    (msg(5, Command.DMA_MAP, struct.pack("<IIQQQ", 32, 3, 0, 0, 4096)), 2),
+], ids=["GET_INFO", "REGION_READ", "RESET", "UNMAP", "SET_IRQS-NONE", "SET_IRQS-EVENTFD",
+        "DMA_MAP"])
+def test_fds_on_wrong_message_are_closed_by_server(raw: Raw, data: bytes, nfds: int) -> None:
+    keep, send = pipes_to_send(nfds)
+    raw.send(data, send)
+    for fd in send:
+        os.close(fd)
+    hdr, _, _ = raw.recv()
     assert_error(hdr, 5, wire.Header.decode(data).command, EINVAL)
-    assert fd_count() == base, "the server kept fds it refused"
-    for p in pipes:
-        os.close(p[0])
-        os.close(p[1])
+    assert all_writers_gone(keep), "the server kept fds it refused"
     still_serving(raw)
 
 
@@ -259,14 +274,12 @@ def test_fatal_hangs_up_and_next_client_works(served: Served, raw: Raw, data: by
 def test_fds_mid_message_hang_up(served: Served, raw: Raw) -> None:
     data = set_irqs(0x24, 1)
     raw.send(data[:10])
-    r, w = os.pipe()
-    base = fd_count()
-    raw.send(data[10:], [r])
+    keep, send = pipes_to_send(1)
+    raw.send(data[10:], send)
+    os.close(send[0])
     assert raw.closed_by_peer()
+    assert all_writers_gone(keep)
     next_client_works(served)
-    assert fd_count() <= base
-    os.close(r)
-    os.close(w)
 
 
 def test_short_header_then_eof(served: Served, raw: Raw) -> None:
