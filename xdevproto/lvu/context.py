@@ -292,19 +292,26 @@ class Context:
             n = -got - 1  # the library says how many entries it needs
 
     def dma_read(self, iova: int, length: int) -> bytes:
-        """Read guest memory: direct when mapped with an fd, else a DMA_READ message."""
+        """Read guest memory: direct when mapped with an fd, else a DMA_READ message.
+
+        ``VFU_SGL_DIRECT_ACCESS`` is what makes fd-mapped memory direct: without
+        it the library sends messages for every region (lib/libvfio-user.c,
+        vfu_dma_transfer).
+        """
         owner, sg, n = self._sgl(iova, length, mmap.PROT_READ)
         buf = ffi.new("char[]", length)
-        self._check(self._lib.vfu_sgl_read(self._c, sg, n, buf, 0), "vfu_sgl_read")
+        self._check(self._lib.vfu_sgl_read(self._c, sg, n, buf, cdef.SGL_DIRECT_ACCESS),
+                    "vfu_sgl_read")
         del owner  # alive until here
         return ffi.buffer(buf, length)[:]
 
     def dma_write(self, iova: int, data: bytes) -> None:
-        """Write guest memory: direct when mapped with an fd, else a DMA_WRITE message."""
+        """Write guest memory: direct when mapped with an fd (the library then
+        marks the pages dirty while logging is on), else a DMA_WRITE message."""
         owner, sg, n = self._sgl(iova, len(data), mmap.PROT_WRITE)
         buf = ffi.from_buffer(data)
-        self._check(self._lib.vfu_sgl_write(self._c, sg, n, ffi.cast("void *", buf), 0),
-                    "vfu_sgl_write")
+        self._check(self._lib.vfu_sgl_write(self._c, sg, n, ffi.cast("void *", buf),
+                                            cdef.SGL_DIRECT_ACCESS), "vfu_sgl_write")
         del owner  # alive until here
 
     # -- reset, quiesce, migration --------------------------------------------------
