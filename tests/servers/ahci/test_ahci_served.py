@@ -39,6 +39,7 @@ def test_config_is_frozen_and_ordered() -> None:
         c.ports = 1  # type: ignore[misc]
     assert cli.parse(["--cdrom", "/x.iso"]).drives[0].path == "/x.iso"
     assert cli.parse([]).ports == 1
+    assert cli.parse([]).engine == "native"
 
 
 @pytest.mark.parametrize("argv", [
