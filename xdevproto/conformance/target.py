@@ -121,6 +121,12 @@ class ExecTarget(Target):
             # Only test for the path: a test connection would be a client
             # to servers that accept exactly one.
             if os.path.exists(self.path):
+                # Some servers bind, then fail setting up (libvfio-user's
+                # server sample at efd091b): on the first start, give them a
+                # moment to show it, so a broken server ends the run early.
+                if self.starts == 1 and self.wait_exit(0.1):
+                    raise TargetError(f"server exited with status {self.proc.returncode} "
+                                      f"right after listening; log: {self.log_tail()}")
                 return
             time.sleep(0.01)
         raise TargetError(f"server did not create {self.path} within {self.start_timeout}s")
