@@ -60,8 +60,12 @@ def cache_root() -> Path:
 
 
 def _run(command: list[str], cwd: Path | None = None) -> str:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False,
-                            timeout=600)
+    try:
+        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False,
+                                timeout=600)
+    except FileNotFoundError as exc:
+        raise GuestBuildError(f"{command[0]} not found: the guest kernel and busybox come "
+                              "from Debian's archive through apt") from exc
     if result.returncode != 0:
         raise GuestBuildError(f"{' '.join(command)} failed ({result.returncode}): "
                               f"{result.stderr.strip()[-2000:]}")

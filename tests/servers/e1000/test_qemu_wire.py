@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from e1000_driver import ones
 from qemu_guest import GuestKernel, debian_kernel, initramfs
 
 from servers.e1000 import regs as R
@@ -67,13 +68,8 @@ echo "xdev-wire: ping status $?"
 
 
 def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of ``data``."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f">{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    """The Internet checksum (RFC 1071) of ``data``: 0 over a correct header."""
+    return ~ones(data) & 0xFFFF
 
 
 def respond(frame: bytes, mac: bytes, ip: bytes) -> bytes | None:
@@ -365,3 +361,59 @@ def test_qemu_guest_pings_xdev_nic_on_one_wire(
     requests = [f for f in frames if icmp_type(f) == ICMP_ECHO_REQUEST and f[6:12] == GUEST_MAC]
     replies = [f for f in frames if icmp_type(f) == ICMP_ECHO_REPLY and f[6:12] == XDEV_MAC]
     assert len(requests) == PINGS and len(replies) == PINGS
+
+
+# -- the responder alone (no QEMU) -----------------------------------------------------------
+
+PEER_IP = ipaddress.IPv4Address(GUEST_IP).packed
+
+
+def arp_request(target: bytes) -> bytes:
+    arp = struct.pack(">HHBBH", 1, ETH_IPV4, 6, 4, 1) + GUEST_MAC + PEER_IP + bytes(6) + target
+    return b"\xff" * 6 + GUEST_MAC + b"\x08\x06" + arp + bytes(18)
+
+
+def echo_request(dst: bytes, payload: bytes = b"xdev" * 14, icmp_kind: int = 8) -> bytes:
+    icmp = bytearray(struct.pack(">BBHHH", icmp_kind, 0, 0, 0x1234, 7) + payload)
+    icmp[2:4] = struct.pack(">H", checksum(bytes(icmp)))
+    ip = bytearray(struct.pack(">BBHHHBBH", 0x45, 0, 20 + len(icmp), 1, 0, 64, 1, 0))
+    ip += PEER_IP + dst
+    ip[10:12] = struct.pack(">H", checksum(bytes(ip)))
+    return XDEV_MAC + GUEST_MAC + b"\x08\x00" + bytes(ip) + bytes(icmp)
+
+
+def test_responder_answers_arp_for_its_address_only() -> None:
+    reply = respond(arp_request(XDEV_IP), XDEV_MAC, XDEV_IP)
+    assert reply is not None
+    assert reply[:14] == GUEST_MAC + XDEV_MAC + b"\x08\x06"
+    assert struct.unpack_from(">H", reply, 20)[0] == 2  # op: reply
+    assert reply[22:28] == XDEV_MAC and reply[28:32] == XDEV_IP
+    assert reply[32:38] == GUEST_MAC and reply[38:42] == PEER_IP
+    assert respond(arp_request(bytes([169, 254, 10, 3])), XDEV_MAC, XDEV_IP) is None
+
+
+def test_responder_echoes_icmp_with_valid_checksums() -> None:
+    request = echo_request(XDEV_IP) + bytes(4)  # trailing Ethernet padding is not echoed
+    reply = respond(request, XDEV_MAC, XDEV_IP)
+    assert reply is not None and icmp_type(reply) == ICMP_ECHO_REPLY
+    assert reply[:12] == GUEST_MAC + XDEV_MAC
+    ip, icmp = reply[14:34], reply[34:]
+    assert checksum(ip) == 0 and checksum(icmp) == 0
+    assert ip[12:16] == XDEV_IP and ip[16:20] == PEER_IP
+    assert icmp[4:] == request[38:-4]  # identifier, sequence and payload echoed
+
+
+@pytest.mark.parametrize("frame", [
+    b"", b"\x00" * 13, echo_request(bytes([10, 0, 0, 1])), echo_request(XDEV_IP, icmp_kind=0),
+    echo_request(XDEV_IP)[:40], arp_request(XDEV_IP)[:30],
+])
+def test_responder_ignores_other_and_short_frames(frame: bytes) -> None:
+    assert respond(frame, XDEV_MAC, XDEV_IP) is None
+
+
+def test_pcap_frames_reads_records() -> None:
+    header = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
+    records = b"".join(struct.pack("<IIII", 0, 0, len(f), len(f)) + f for f in (b"ab", b"cde"))
+    assert pcap_frames(header + records) == [b"ab", b"cde"]
+    with pytest.raises(ValueError):
+        pcap_frames(b"\0" * 24)
