@@ -273,7 +273,11 @@ def test_fatal_hangs_up_and_next_client_works(served: Served, raw: Raw, data: by
 
 def test_fds_mid_message_hang_up(served: Served, raw: Raw) -> None:
     data = set_irqs(0x24, 1)
-    raw.send(data[:10])
+    # The GET_INFO reply proves the server has read the first write, so the
+    # fd below cannot arrive together with the start of the SET_IRQS.
+    hdr, _ = raw.call(msg(4, Command.DEVICE_GET_INFO, struct.pack("<IIII", 16, 0, 0, 0))
+                      + data[:10])
+    assert hdr.msg_id == 4 and hdr.flags == REPLY
     keep, send = pipes_to_send(1)
     raw.send(data[10:], send)
     os.close(send[0])
