@@ -11,16 +11,18 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from threading import Thread
 from typing import Protocol
 
 import pytest
 
 from xdevproto import wire
 from xdevproto.client import Client
-from xdevproto.errors import RemoteError
+from xdevproto.errors import ConnectionClosed, PeerProtocolError, RemoteError
 from xdevproto.testdev import BUF_OFF, ID_VALUE, TestDevice
-from xdevproto.transport import fds_from_ancillary
+from xdevproto.transport import fds_from_ancillary, listen
 from xdevproto.wire import Command
 
 
@@ -183,6 +185,10 @@ REFUSED = {
     # refused by the device, not the connection: the same path for the client
     "no such region": (msg(5, Command.DEVICE_GET_REGION_INFO,
                            struct.pack("<IIIIQQ", 32, 0, 99, 0, 0, 0)), EINVAL),
+    "REGION_READ of no region": (msg(5, Command.REGION_READ, struct.pack("<QII", 0, 99, 4)),
+                                 EINVAL),
+    "REGION_WRITE of no region": (msg(5, Command.REGION_WRITE,
+                                      struct.pack("<QII", 0, 99, 1) + b"x"), EINVAL),
     "access beyond the region": (msg(5, Command.REGION_READ,
                                      struct.pack("<QII", 0xFFE, 0, 4)), EINVAL),
     "no such IRQ index": (msg(5, Command.DEVICE_GET_IRQ_INFO, struct.pack("<IIII", 16, 0, 9, 0)),
@@ -281,6 +287,19 @@ def test_fds_mid_message_hang_up(served: Served, raw: Raw) -> None:
     keep, send = pipes_to_send(1)
     raw.send(data[10:], send)
     os.close(send[0])
+    assert raw.closed_by_peer()
+    assert all_writers_gone(keep)
+    next_client_works(served)
+
+
+def test_more_fds_than_server_accepts_hang_up(served: Served, raw: Raw) -> None:
+    """9 fds where the server's ancillary buffer holds 8 (its max_msg_fds):
+    the kernel truncates (MSG_CTRUNC), the server closes what it got and
+    hangs up."""
+    keep, send = pipes_to_send(9)
+    raw.send(msg(5, Command.DEVICE_SET_IRQS, struct.pack("<IIIII", 20, 0x24, 2, 0, 9)), send)
+    for fd in send:
+        os.close(fd)
     assert raw.closed_by_peer()
     assert all_writers_gone(keep)
     next_client_works(served)
@@ -393,3 +412,92 @@ def test_bad_dma_reply_hangs_up(served: Served, raw: Raw) -> None:
     raw.send(msg(hdr.msg_id, Command.DMA_READ, b"\0" * 5, flags=REPLY))  # short payload
     assert raw.closed_by_peer()
     next_client_works(served)
+
+
+# -- the client runtime against a hostile server -------------------------------------------
+
+
+def fake_server(tmp_path: Path, script: Callable[[socket.socket], None]) -> tuple[str, Thread]:
+    path = str(tmp_path / "fake.sock")
+    lst = listen(path)
+
+    def run() -> None:
+        conn, _ = lst.accept()
+        with conn:
+            script(conn)
+        lst.close()
+
+    t = Thread(target=run, daemon=True)
+    t.start()
+    return path, t
+
+
+def answer_version(conn: socket.socket, caps: bytes = b'{"capabilities":{}}') -> None:
+    head = conn.recv(16)
+    msg_id, _, size = struct.unpack_from("<HHI", head)
+    conn.recv(size - 16)
+    conn.sendall(msg(msg_id, Command.VERSION, struct.pack("<HH", 0, 2) + caps + b"\0",
+                     flags=REPLY))
+
+
+@pytest.mark.parametrize("reply", [
+    msg(1, Command.VERSION, b"\xff" * 8, flags=REPLY),  # not JSON
+    msg(1, Command.VERSION, struct.pack("<HH", 3, 0) + b"{}\0", flags=REPLY),  # major
+    msg(1, Command.DEVICE_GET_INFO, flags=REPLY),  # a reply to something else
+    msg(1, Command.VERSION, size=4),  # broken framing
+], ids=["json", "major", "wrong-reply", "framing"])
+def test_client_refuses_bad_version_reply(tmp_path: Path, reply: bytes) -> None:
+    def script(conn: socket.socket) -> None:
+        conn.recv(4096)
+        conn.sendall(reply)
+        conn.recv(4096)  # until the client hangs up
+
+    path, t = fake_server(tmp_path, script)
+    with pytest.raises(PeerProtocolError):
+        Client.connect(path, timeout=10)
+    t.join(10)
+
+
+@pytest.mark.parametrize("answer", [
+    msg(77, Command.DEVICE_GET_INFO, struct.pack("<IIII", 16, 3, 9, 5), flags=REPLY),  # id
+    msg(2, Command.DEVICE_GET_INFO, b"\0" * 4, flags=REPLY),  # short payload
+    msg(2, Command.DEVICE_GET_INFO, size=0xFFFFFFF),  # oversize
+    b"",  # the server hangs up
+], ids=["unknown-id", "short", "oversize", "eof"])
+def test_client_runtime_raises_only_protocol_errors(tmp_path: Path, answer: bytes) -> None:
+    def script(conn: socket.socket) -> None:
+        answer_version(conn)
+        conn.recv(4096)  # DEVICE_GET_INFO
+        if answer:
+            conn.sendall(answer)
+
+    path, t = fake_server(tmp_path, script)
+    c = Client.connect(path, timeout=10, twin_socket=False)
+    c.transport.sock.settimeout(10)
+    with pytest.raises((PeerProtocolError, ConnectionClosed)):
+        c.device_info()
+    c.close()
+    t.join(10)
+
+
+def test_client_answers_bad_dma_command_with_error(tmp_path: Path) -> None:
+    """A DMA_WRITE whose data does not match its count gets an EINVAL
+    error reply; the client's call still completes."""
+    got: list[wire.Header] = []
+
+    def script(conn: socket.socket) -> None:
+        answer_version(conn)
+        conn.recv(4096)  # the client's REGION_READ (id 2)
+        conn.sendall(msg(9, Command.DMA_WRITE, struct.pack("<QQ", 0, 4) + b"ab"))
+        got.append(wire.Header.decode(conn.recv(16)))
+        conn.sendall(msg(2, Command.REGION_READ, struct.pack("<QII", 0, 0, 4) + b"abcd",
+                         flags=REPLY))
+        conn.recv(4096)
+
+    path, t = fake_server(tmp_path, script)
+    with Client.connect(path, timeout=10, twin_socket=False) as c:
+        c.transport.sock.settimeout(10)
+        assert c.region_read(0, 0, 4) == b"abcd"
+    t.join(10)
+    assert got and got[0].msg_id == 9 and got[0].flags == REPLY | ERROR
+    assert got[0].error == EINVAL
