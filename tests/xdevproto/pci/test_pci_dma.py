@@ -260,3 +260,28 @@ def test_dirty_report_range_wider_than_the_region(ram: MemfdRam, gm: GuestMemory
     bitmap = int.from_bytes(gm.logging_report(0, 70 * PAGE, PAGE), "little")
     assert bitmap == 1 << 5
     assert len(gm.logging_report(0, 70 * PAGE, PAGE)) == 16  # u64 words
+
+
+def test_preadv_batches_many_entries_and_marks_dirty(gm: GuestMemory) -> None:
+    """A long list of fd-mapped entries (more than IOV_MAX, with a region
+    boundary in the middle of one) moves in batched system calls with the
+    same result as entry by entry, and dirty logging sees every page."""
+    ram = MemfdRam(128 * PAGE)
+    gm.map(memfd_region(ram, 0, 64 * PAGE))
+    gm.map(memfd_region(ram, 64 * PAGE, 64 * PAGE, offset=64 * PAGE))
+    gm.logging_start(PAGE)
+    # 1500 entries of 100 bytes, scattered; one straddles the two regions.
+    sg = [SgEntry(i * 300 % (128 * PAGE - 100), 100) for i in range(1500)]
+    sg[700] = SgEntry(64 * PAGE - 50, 100)
+    with tempfile.TemporaryFile() as f:
+        payload = os.urandom(1500 * 100)
+        os.pwrite(f.fileno(), payload, 0)
+        assert gm.preadv(f.fileno(), sg, 0) == len(payload)
+        got = b"".join(bytes(ram.view[e.addr:e.addr + e.length]) for e in sg[-300:])
+        assert got == payload[-300 * 100:]
+        assert bytes(ram.view[64 * PAGE - 50:64 * PAGE + 50]) == payload[70000:70100]
+        assert gm.pwritev(f.fileno(), sg[-300:], len(payload)) == 300 * 100
+        assert os.pread(f.fileno(), 300 * 100, len(payload)) == payload[-300 * 100:]
+    assert gm.logging_report(0, 64 * PAGE, PAGE)[7] & 0x80  # page 63 (the straddle)
+    gm.unmap_all()
+    ram.close()
