@@ -198,13 +198,24 @@ def listen(addr: str, *, mode: int = 0o600, backlog: int = 4) -> socket.socket:
         if not stat.S_ISSOCK(st.st_mode):
             raise FileExistsError(errno.EEXIST, "exists and is not a socket", where)
         os.unlink(where)
+    # Bind under a temporary name and rename once listening: whoever sees
+    # the path can connect (no window between bind() and listen()).
+    tmp = f"{where}.{os.getpid()}.tmp"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o777 & ~mode)
     try:
-        sock.bind(where)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        sock.bind(tmp)
+        sock.listen(backlog)
+        os.rename(tmp, where)
+    except BaseException:
+        sock.close()
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
     finally:
         os.umask(old)
-    sock.listen(backlog)
     return sock
 
 
