@@ -80,6 +80,7 @@ int vfu_addr_to_sgl(vfu_ctx_t *vfu_ctx, vfu_dma_addr_t dma_addr, size_t len,
                     dma_sg_t *sgl, size_t max_nr_sgs, int prot);
 int vfu_sgl_read(vfu_ctx_t *vfu_ctx, dma_sg_t *sg, size_t sg_cnt, void *data, int flags);
 int vfu_sgl_write(vfu_ctx_t *vfu_ctx, dma_sg_t *sg, size_t sg_cnt, void *data, int flags);
+void vfu_sgl_mark_dirty(vfu_ctx_t *vfu_ctx, dma_sg_t *sg, size_t cnt);
 int vfu_pci_init(vfu_ctx_t *vfu_ctx, int pci_type, int hdr_type, int revision);
 void vfu_pci_set_id(vfu_ctx_t *vfu_ctx, uint16_t vid, uint16_t did,
                     uint16_t ssvid, uint16_t ssid);
@@ -97,6 +98,7 @@ FUNCTIONS = (
     "vfu_setup_device_reset_cb", "vfu_setup_device_dma", "vfu_setup_device_nr_irqs",
     "vfu_setup_irq_state_callback", "vfu_setup_device_migration_callbacks",
     "vfu_irq_trigger", "vfu_addr_to_sgl", "vfu_sgl_read", "vfu_sgl_write",
+    "vfu_sgl_mark_dirty",
     "vfu_pci_init", "vfu_pci_set_id", "vfu_pci_set_class", "vfu_pci_get_config_space",
     "vfu_pci_add_capability", "vfu_pci_find_capability",
 )

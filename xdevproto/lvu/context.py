@@ -314,6 +314,13 @@ class Context:
                                             cdef.SGL_DIRECT_ACCESS), "vfu_sgl_write")
         del owner  # alive until here
 
+    def mark_dirty(self, iova: int, length: int) -> None:
+        """``vfu_sgl_mark_dirty``: log a write the caller made to a mapped region
+        itself (a no-op in the library while dirty logging is off)."""
+        owner, sg, n = self._sgl(iova, length, mmap.PROT_WRITE)
+        self._lib.vfu_sgl_mark_dirty(self._c, sg, n)
+        del owner  # alive until here
+
     # -- reset, quiesce, migration --------------------------------------------------
 
     def on_reset(self, fn: Callable[[ResetType], None]) -> None:

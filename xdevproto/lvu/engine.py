@@ -67,6 +67,7 @@ from xdevproto import wire
 from xdevproto.device import Device, DeviceContext, DmaRegion
 from xdevproto.lvu.cdef import IrqType, MigrState, Region, RegionFlag, ResetType
 from xdevproto.lvu.context import Context, DmaInfo
+from xdevproto.lvu.direct import DirectMaps
 from xdevproto.transport import peer_credentials
 
 log = logging.getLogger("xdevproto.lvu.engine")
@@ -86,15 +87,22 @@ _BAR_PREFETCH = 0x8
 
 
 class _Context(DeviceContext):
-    """Guest memory for the device, through the loop thread when needed."""
+    """Guest memory for the device: fd-mapped regions directly on the calling
+    thread (:mod:`xdevproto.lvu.direct`), the rest through the loop thread."""
 
     def __init__(self, engine: LvuEngine) -> None:
         self.engine = engine
 
     def dma_read(self, iova: int, length: int) -> bytes:
+        data = self.engine.direct.read(iova, length)
+        if data is not None:
+            return data
         return self.engine.on_loop(lambda: self.engine.ctx.dma_read(iova, length))
 
     def dma_write(self, iova: int, data: bytes | memoryview) -> None:
+        if self.engine.direct.write(iova, data):
+            self.engine.wake()  # the loop marks the pages dirty
+            return
         blob = bytes(data)
         self.engine.on_loop(lambda: self.engine.ctx.dma_write(iova, blob))
 
@@ -125,6 +133,7 @@ class LvuEngine:
             assert socket_path is not None
             self.ctx = Context(socket_path, nonblocking=True)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.direct = DirectMaps()
         self._jobs: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
         self._jobs_lock = threading.Lock()
         self._loop_thread: int | None = None
@@ -208,8 +217,13 @@ class LvuEngine:
 
     def _dma_map(self, info: DmaInfo) -> None:
         self.device.dma_map(self._region(info))
+        self.direct.add(info.iova, info.length, info.vaddr, bool(info.prot & 2))
 
     def _dma_unmap(self, info: DmaInfo) -> None:
+        # no direct copy may touch the mapping once this returns (the library
+        # unmaps it next); the device's own DMA stops in its dma_unmap
+        self.direct.remove(info.iova, info.length)
+        self._mark_dirty()
         self.device.dma_unmap(self._region(info))
 
     def _reset(self, kind: ResetType) -> None:
@@ -217,6 +231,7 @@ class LvuEngine:
             self.device.reset()
         elif self._attached:  # vfu_destroy_ctx reports LOST_CONN again
             self._attached = False
+            self.direct.clear()
             self._drop_irq_fds()
             self.device.detach()
             self._notify("waiting for a client")
@@ -269,14 +284,29 @@ class LvuEngine:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._jobs_lock:
             self._jobs.append((fn, fut))
-        os.write(self._wake_w, b"\0")
+        self.wake()
         return fut.result()
+
+    def wake(self) -> None:
+        """Make the loop run its jobs and dirty marks soon (from any thread)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is awake already
+
+    def _mark_dirty(self) -> None:
+        for iova, length in self.direct.take_dirty():
+            try:
+                self.ctx.mark_dirty(iova, length)
+            except OSError as exc:  # unmapped meanwhile: nothing left to log
+                log.debug("dirty mark %#x+%#x dropped: %s", iova, length, exc)
 
     def _run_jobs(self) -> None:
         try:
             os.read(self._wake_r, 4096)
         except BlockingIOError:
             pass
+        self._mark_dirty()
         with self._jobs_lock:
             jobs, self._jobs = self._jobs, []
         for fn, fut in jobs:
@@ -359,7 +389,7 @@ class LvuEngine:
     def stop(self) -> None:
         """Make :meth:`serve` return (from any thread)."""
         self._stopping = True
-        os.write(self._wake_w, b"\0")
+        self.wake()
 
     def close(self) -> None:
         """After :meth:`serve` returned: destroy the context (unlinks the socket)."""
