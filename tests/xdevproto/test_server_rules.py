@@ -178,6 +178,8 @@ REFUSED = {
                                EINVAL),
     "DEVICE_FEATURE unknown flag": (msg(5, Command.DEVICE_FEATURE,
                                         struct.pack("<II", 8, 0x80002)), EINVAL),
+    "DEVICE_FEATURE GET argsz below the reply": (msg(5, Command.DEVICE_FEATURE, struct.pack(
+        "<II", 8, 0x10001)), EINVAL),
     "MIG_DATA_READ argsz": (msg(5, Command.MIG_DATA_READ, struct.pack("<II", 8, 64)), EINVAL),
     "MIG_DATA_WRITE size": (msg(5, Command.MIG_DATA_WRITE, struct.pack("<II", 64, 8) + b"x"),
                             EINVAL),
@@ -252,6 +254,23 @@ def test_fds_on_wrong_message_are_closed_by_server(raw: Raw, data: bytes, nfds: 
     assert_error(hdr, 5, wire.Header.decode(data).command, EINVAL)
     assert all_writers_gone(keep), "the server kept fds it refused"
     still_serving(raw)
+
+
+def test_region_info_truncated_then_full(raw: Raw) -> None:
+    """argsz 32 for a region with capabilities: a successful reply with the
+    needed argsz, no capabilities and no fd; asking again gets both."""
+    raw.send(msg(5, Command.DEVICE_GET_REGION_INFO, struct.pack("<IIIIQQ", 32, 0, 2, 0, 0, 0)))
+    hdr, body, fds = raw.recv()
+    assert hdr.flags == REPLY and hdr.msg_size == 48 and fds == []
+    need, flags, index, cap_offset = struct.unpack_from("<IIII", body)
+    assert need > 32 and index == 2 and cap_offset == 0
+    raw.send(msg(6, Command.DEVICE_GET_REGION_INFO,
+                 struct.pack("<IIIIQQ", need, 0, 2, 0, 0, 0)))
+    hdr, body, fds = raw.recv()
+    assert hdr.flags == REPLY and hdr.msg_size == 16 + need and len(fds) == 1
+    info = wire.RegionInfo.decode(body)
+    assert info.flags & wire.RegionFlags.CAPS and info.cap_offset == 32 and info.caps
+    os.close(fds[0])
 
 
 def test_no_reply_refusal_sends_nothing(raw: Raw) -> None:
