@@ -21,7 +21,9 @@ xdev_guest_wait() {
     _deadline=$(( $(date +%s) + ${3:-120} ))
     _missing=0
     while [ "$(date +%s)" -lt "$_deadline" ]; do
-        if grep -qF -- "$2" "$_serial" 2>/dev/null; then
+        # Through a pipe: GNU grep reading the 9p file itself was seen spinning
+        # for minutes (state R) after the marker had arrived.
+        if cat "$_serial" 2>/dev/null | grep -qF -- "$2"; then
             _since=$(cat "$XDEV_RUN/guests/$1.created" 2>/dev/null || date +%s)
             echo "xdev_guest_wait: $1 printed '$2' $(( $(date +%s) - _since )) s after xl create" >&2
             return 0
@@ -33,7 +35,7 @@ xdev_guest_wait() {
             _missing=$((_missing + 1))
         fi
         if [ "$_missing" -ge 3 ]; then
-            grep -qF -- "$2" "$_serial" 2>/dev/null && return 0
+            cat "$_serial" 2>/dev/null | grep -qF -- "$2" && return 0
             echo "xdev_guest_wait: guest $1 is gone without printing '$2'; xl dmesg tail:" >&2
             xl dmesg 2>&1 | grep -v ' save: ' | tail -n 15 >&2
             return 2
