@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import array
 import errno
+import logging
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -17,10 +19,13 @@ from threading import Thread
 from typing import Protocol
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from xdevproto import wire
 from xdevproto.client import Client
 from xdevproto.errors import ConnectionClosed, PeerProtocolError, RemoteError
+from xdevproto.server import Server
 from xdevproto.testdev import BUF_OFF, ID_VALUE, TestDevice
 from xdevproto.transport import fds_from_ancillary, listen
 from xdevproto.wire import Command
@@ -520,3 +525,87 @@ def test_client_answers_bad_dma_command_with_error(tmp_path: Path) -> None:
     t.join(10)
     assert got and got[0].msg_id == 9 and got[0].flags == REPLY | ERROR
     assert got[0].error == EINVAL
+
+
+# -- random messages never take the server down -------------------------------------------
+
+WORD = st.sampled_from([0, 1, 2, 3, 4, 7, 8, 16, 20, 24, 32, 0x21, 0x22, 0x24, 0x28, 0x30,
+                        0x10001, 0x20002, 0x40002, 0x20006, 0x10008, 0xFFFFFFFF]) \
+    | st.integers(0, 0x10000)
+
+
+@st.composite
+def plausible_message(draw: st.DrawFn) -> bytes:
+    """Commands with payloads made of plausible u32 words, so that many pass
+    the framing checks and reach the per-command rules and the device."""
+    cmd = draw(st.integers(1, 19))
+    words = draw(st.lists(WORD, max_size=12))
+    payload = struct.pack(f"<{len(words)}I", *words) + draw(st.binary(max_size=3))
+    flags = draw(st.sampled_from([0, 0, 0, 0x10, 0x1, 0x20]))
+    return msg(draw(st.integers(0, 0xFFFF)), cmd, payload, flags=flags)
+
+
+def test_random_messages_never_kill_the_server(tmp_path: Path) -> None:
+    device = TestDevice()
+    server = Server(device)
+    path = str(tmp_path / "fuzz.sock")
+    lst = listen(path)
+    thread = Thread(target=server.serve, args=(lst,), daemon=True)
+    thread.start()
+    errors: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            errors.append(record)
+
+    handler = Collect(logging.ERROR)
+    logging.getLogger("xdevproto").addHandler(handler)
+    crashed: list[BaseException | None] = []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: crashed.append(args.exc_value)
+
+    @settings(max_examples=int(os.environ.get("XDEV_HYPOTHESIS_EXAMPLES", "40")),
+              deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(messages=st.lists(plausible_message(), min_size=1, max_size=8),
+           negotiate=st.booleans())
+    def session(messages: list[bytes], negotiate: bool) -> None:
+        r = Raw(path)
+        try:
+            if negotiate:
+                hdr, _ = r.call(msg(1, Command.VERSION, VERSION))
+                if hdr.error == errno.EBUSY:  # the last session is still closing
+                    time.sleep(0.05)
+                    return
+            r.send(b"".join(messages))
+            r.sock.shutdown(socket.SHUT_WR)
+            while True:  # the server answers what it can, then sees EOF and hangs up
+                _, _, fds = r.recv()
+                for fd in fds:
+                    os.close(fd)
+        except (EOFError, ConnectionResetError, BrokenPipeError):
+            pass
+        finally:
+            r.close()
+
+    try:
+        session()
+        assert not crashed, crashed
+        assert not errors, [e.getMessage() for e in errors]
+        assert thread.is_alive()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                c = Client.connect(path, timeout=10)
+                break
+            except RemoteError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        with c:
+            assert c.region_read(0, 0, 4) == struct.pack("<I", ID_VALUE)
+    finally:
+        threading.excepthook = old_hook
+        logging.getLogger("xdevproto").removeHandler(handler)
+        server.stop()
+        thread.join(5)
+        lst.close()
