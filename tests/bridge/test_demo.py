@@ -1,0 +1,88 @@
+"""The demo's pure parts: config parsing, the boot sector, reading the guest's lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge import demo, demo_scripts, serve
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "g.cfg").write_text('name = "web1"\ntype = "hvm"\n')
+    path = tmp_path / "demo.toml"
+    path.write_text(text.replace("CFG", str(tmp_path / "g.cfg")))
+    return path
+
+
+def test_plan_from_config_takes_the_name_from_the_xl_config(tmp_path: Path) -> None:
+    plan = serve.load_plan(_write(tmp_path, """
+[guest]
+xl_config = "CFG"
+marker = "done"
+[disk]
+image = "/srv/a.img"
+[nic]
+tap = "t0"
+host_address = "169.254.1.1/24"
+"""))
+    assert plan.name == "web1" and plan.launcher == "process"
+    assert serve.bridge_argv(plan) == [
+        "--domain", "web1", "--device", "00:05.0=unix:/run/xdev/ahci-demo.sock",
+        "--device", "00:06.0=unix:/run/xdev/e1000-demo.sock"]
+    assert serve.server_argv(plan, "ahci") == ["--disk", "file=/srv/a.img"]
+    assert serve.server_argv(plan, "e1000")[-1] == "tap,ifname=t0"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[guest]\nxl_config = "CFG"\n[disk]\nimage = "/a"\nimgae = "/b"\n', "unknown key"),
+    ('[guest]\nxl_config = "CFG"\n[disks]\nimage = "/a"\n', "unknown section"),
+    ('[guest]\nxl_config = "CFG"\n', "nothing to serve"),
+    ('[disk]\nimage = "/a"\n', "needs xl_config"),
+    ('[guest]\nxl_config = "CFG"\n[disk]\nimage = "/srv/a.img"\n[run]\nlauncher = "systemd"\n',
+     "/var/lib/xdev/images"),
+    ('[guest]\nxl_config = "CFG"\n[disk]\nimage = "/a"\n[run]\nlauncher = "docker"\n',
+     "launcher"),
+    ("[guest\n", "cannot read"),
+])
+def test_bad_configs_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(serve.ServeError, match=message):
+        serve.load_plan(_write(tmp_path, text))
+
+
+def test_boot_sector_is_a_valid_mbr_carrying_the_marker() -> None:
+    sector = demo_scripts.boot_sector()
+    assert len(sector) == 512 and sector[510:] == b"\x55\xaa"
+    assert demo_scripts.BOOT_MARKER.encode() in sector
+    # mov si, imm16 points at the message where the BIOS loads the sector.
+    si = int.from_bytes(sector[7:9], "little")
+    assert sector[si - 0x7C00:].startswith(demo_scripts.BOOT_MARKER.encode())
+
+
+def test_pattern_names_its_offsets() -> None:
+    block = demo_scripts.pattern_block()
+    assert len(block) == 1 << 20
+    assert block[0x1230:0x1240] == b"xdev000000001230"
+
+
+def test_guest_lines_parse_and_lspci_lines_join() -> None:
+    serial = ("noise\nXDEV 1.50 found-by boot\nXDEV 1.60 lspci 0000:00:00.0 0600: 8086:1237\r\n"
+              "XDEV 1.61 lspci 0000:00:05.0 0106: 8086:2922\nXDEV 2.00 mount 0\n")
+    found = demo_scripts.parse_guest(serial)
+    assert found["found-by"] == (1.5, "boot")
+    assert found["lspci"][1].splitlines() == ["0000:00:00.0 0600: 8086:1237",
+                                              "0000:00:05.0 0106: 8086:2922"]
+    assert found["mount"] == (2.0, "0")
+
+
+def test_report_counts_failed_checks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.print_report("XDEV 1.0 ahci-driver ahci\n", "", "") is False
+    out = capsys.readouterr().out
+    assert "checks passed; failed:" in out and "pattern read" in out
+
+
+def test_config_without_a_xen_host_is_refused(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    monkeypatch.setattr(demo, "xen_host_present", lambda: False)
+    assert demo.main(["--config", str(tmp_path / "x.toml")]) == 2
