@@ -322,7 +322,7 @@ class Client:
             tr.send(out)
             # Only DMA commands and this reply can arrive now; neither has fds.
             chunk = tr.recv_plain()
-            fast = conn.fast_reply(chunk, msg_id) if chunk else None
+            fast = conn.fast_reply(chunk, msg_id)
             if fast is None:
                 conn.receive_data(chunk)
                 if not chunk:

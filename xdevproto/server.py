@@ -269,13 +269,12 @@ class Session(DeviceContext):
                     continue
                 if not conn.buffered:
                     data, fds = recv()
-                    if data and not fds:
-                        # Only this thread consumes input, so the shortcut
-                        # needs no lock (workers only send).
-                        fast = fast_request(data)
-                        if fast is not None:
-                            serve_access(*fast)
-                            continue
+                    # Only this thread consumes input, so the shortcut
+                    # needs no lock (workers only send).
+                    fast = None if fds else fast_request(data)
+                    if fast is not None:
+                        serve_access(*fast)
+                        continue
                     with lock:
                         conn.receive_data(data, fds)
                     if not data:
