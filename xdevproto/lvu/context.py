@@ -33,6 +33,7 @@ from xdevproto.errors import VfioUserError
 from xdevproto.lvu import cdef
 from xdevproto.lvu.cdef import IrqType, MigrState, PciType, RegionFlag, ResetType
 from xdevproto.lvu.loader import ffi, load
+from xdevproto.lvu.trampoline import make_callback
 
 log = logging.getLogger("xdevproto.lvu")
 
@@ -115,8 +116,8 @@ class Context:
         return self._ctx
 
     def _callback(self, ctype: str, fn: Callable[..., Any], error: int | None = -1) -> Any:
-        cb = ffi.callback(ctype, fn) if error is None else ffi.callback(ctype, fn, error=error)
-        self._keep.append(cb)
+        cb, keep = make_callback(ctype, fn, error)  # ctypes where W+X memory is refused
+        self._keep.append(keep)
         return cb
 
     def _setup_log(self, level: int) -> None:
