@@ -16,10 +16,12 @@ contracts meet:
   vector of every index); the loop forwards a signal on any of them to
   ``vfu_irq_trigger(vector)``, which rings whatever the client enabled.
 * DMA: the device is told of regions without an fd, so it goes through
-  :class:`~xdevproto.device.DeviceContext`; that uses ``vfu_sgl_read``/
-  ``vfu_sgl_write`` (a memcpy when the client passed an fd, DMA_READ/
-  DMA_WRITE messages otherwise). libvfio-user is not thread-safe, so calls
-  from worker threads are handed to the loop thread and waited for.
+  :class:`~xdevproto.device.DeviceContext`. For memory the client mapped
+  with an fd that copies from the library's own mapping on the calling
+  thread (:mod:`xdevproto.lvu.direct`); otherwise ``vfu_sgl_read``/
+  ``vfu_sgl_write`` send DMA_READ/DMA_WRITE messages, and since
+  libvfio-user is not thread-safe, calls from worker threads are handed to
+  the loop thread and waited for.
 * SET_IRQS MASK/UNMASK reach the device through the library's IRQ state
   callback as ``set_irqs(index, ACTION_MASK|ACTION_UNMASK, start, count)``
   (so INTx, which the PCI framework automasks on each edge, fires again
