@@ -46,7 +46,7 @@ def demo_guest(*, nomsi: bool = False, name: str = GUEST_NAME) -> object:
     return HvmGuest(
         name=name, init_script=ds.GUEST_INIT,
         cmdline=cmdline + (" pci=nomsi" if nomsi else ""),
-        modules=("ahci", "sd_mod", "sr_mod", "e1000", "ext4"),
+        modules=("ahci", "sd_mod", "sr_mod", "e1000", "crc32c_generic", "ext4"),
         files=ds.e2fs_files(),
     )
 
