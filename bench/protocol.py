@@ -14,7 +14,10 @@ Figures (round trips/s, MB/s):
 
 Both processes are pinned to one CPU (so the figures measure CPU cost, not
 this machine's cross-CPU wake-up latency); the same figures unpinned are
-reported as ``*_unpinned``.
+reported as ``*_unpinned``. Both servers stay up for the whole run and short
+rounds of each measurement alternate; every figure is the median over the
+rounds and each ratio is taken within a round, so load from elsewhere on the
+machine falls on both sides of it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import statistics
 import struct
 import sys
 import tempfile
@@ -93,74 +97,94 @@ def _timed(fn, seconds: float) -> float:  # type: ignore[no-untyped-def]
             return n / (now - start)
 
 
-def baseline(seconds: float, cpu: int | None) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "raw.sock")
-        proc = _spawn(_raw_server, path, cpu)
+class Rig:
+    """Both servers up at once, with a connection to each, so that rounds of
+    baseline and xdev measurements can alternate: whatever load the machine
+    has falls on both sides of every ratio."""
+
+    def __init__(self, tmp: str, cpu: int | None) -> None:
+        self.raw_proc = _spawn(_raw_server, os.path.join(tmp, "raw.sock"), cpu)
+        self.xdev_proc = _spawn(_xdev_server, os.path.join(tmp, "dev.sock"), cpu)
         _pin(cpu)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
-        req = bytes(REQ)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(os.path.join(tmp, "raw.sock"))
+        self.ram = MemfdRam(1 << 20)
+        self.client = Client.connect(os.path.join(tmp, "dev.sock"), guest=self.ram)
+        self.client.dma_map(0, 1 << 20)
+        self.dma_len = 0x1000 - BUF_OFF
+        self.client.region_write(PciRegion.BAR0, 0x08, struct.pack("<QI", 0, self.dma_len))
 
-        def once() -> None:
-            sock.send(req)
-            got = 0
-            while got < REP:
-                got += len(sock.recv(65536))
+    def raw_once(self) -> None:
+        self.sock.send(RAW_REQ)
+        got = 0
+        while got < REP:
+            got += len(self.sock.recv(65536))
 
-        rate = _timed(once, seconds)
-        sock.close()
-        proc.join(5)
-        return rate
+    def read_once(self) -> None:
+        self.client.region_read(PciRegion.BAR0, 4, 4)
+
+    def write_once(self) -> None:
+        self.client.region_write(PciRegion.BAR0, 4, b"\1\2\3\4")
+
+    def dma_once(self) -> None:
+        # The device pulls its whole buffer from guest memory by DMA_READ.
+        self.client.region_write(PciRegion.BAR0, 0x14, DMA_CMD)
+
+    def close(self) -> None:
+        self.client.close()
+        self.ram.close()
+        self.sock.close()
+        self.raw_proc.join(5)
+        self.xdev_proc.join(5)
 
 
-def xdev(seconds: float, cpu: int | None) -> dict[str, float]:
+RAW_REQ = bytes(REQ)
+DMA_CMD = struct.pack("<I", 1)
+
+
+def measure(cpu: int | None, seconds: float, rounds: int) -> dict[str, float]:
+    """Medians over ``rounds`` alternating rounds; ratios per round."""
+    per = seconds / rounds
+    samples: dict[str, list[float]] = {k: [] for k in (
+        "baseline_rtt_per_s", "region_read_rtt_per_s", "region_write_rtt_per_s",
+        "dma_read_mb_per_s", "ratio_read_vs_baseline")}
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "dev.sock")
-        proc = _spawn(_xdev_server, path, cpu)
-        _pin(cpu)
-        out: dict[str, float] = {}
-        with MemfdRam(1 << 20) as ram, Client.connect(path, guest=ram) as c:
-            out["region_read_rtt_per_s"] = _timed(
-                lambda: c.region_read(PciRegion.BAR0, 4, 4), seconds)
-            value = b"\1\2\3\4"
-            out["region_write_rtt_per_s"] = _timed(
-                lambda: c.region_write(PciRegion.BAR0, 4, value), seconds)
-            # Message DMA: the device copies 3840 bytes (its buffer) per
-            # command; count the bytes that crossed as DMA_READ replies.
-            c.dma_map(0, 1 << 20)
-            length = 0x1000 - BUF_OFF
-            c.region_write(PciRegion.BAR0, 0x08, struct.pack("<QI", 0, length))
-            cmd = struct.pack("<I", 1)
-            rate = _timed(lambda: c.region_write(PciRegion.BAR0, 0x14, cmd), seconds)
-            out["dma_read_mb_per_s"] = rate * length / 1e6
-        proc.join(5)
-        return out
+        rig = Rig(tmp, cpu)
+        try:
+            for _ in range(rounds):
+                base = _timed(rig.raw_once, per)
+                read = _timed(rig.read_once, per)
+                samples["baseline_rtt_per_s"].append(base)
+                samples["region_read_rtt_per_s"].append(read)
+                samples["ratio_read_vs_baseline"].append(read / base)
+                samples["region_write_rtt_per_s"].append(_timed(rig.write_once, per))
+                samples["dma_read_mb_per_s"].append(
+                    _timed(rig.dma_once, per) * rig.dma_len / 1e6)
+        finally:
+            rig.close()
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def run(seconds: float) -> dict[str, float]:
+def run(seconds: float, rounds: int) -> dict[str, float]:
     cpu = sorted(os.sched_getaffinity(0))[0]
-    results: dict[str, float] = {}
-    results["baseline_rtt_per_s"] = baseline(seconds, cpu)
-    results.update(xdev(seconds, cpu))
-    results["ratio_read_vs_baseline"] = (results["region_read_rtt_per_s"]
-                                         / results["baseline_rtt_per_s"])
+    results = measure(cpu, seconds, rounds)
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-    unpinned = {"baseline_rtt_per_s": baseline(seconds, None), **xdev(seconds, None)}
-    for key, value in unpinned.items():
+    for key, value in measure(None, seconds, rounds).items():
         results[f"{key}_unpinned"] = value
-    results["ratio_read_vs_baseline_unpinned"] = (unpinned["region_read_rtt_per_s"]
-                                                  / unpinned["baseline_rtt_per_s"])
     results["pinned_cpu"] = cpu
+    results["rounds"] = rounds
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the figures to this file")
-    ap.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    ap.add_argument("--seconds", type=float, default=4.0,
+                    help="per figure, split over the rounds")
+    ap.add_argument("--rounds", type=int, default=8,
+                    help="alternating rounds; figures are medians over them")
     args = ap.parse_args(argv)
-    results = run(args.seconds)
+    results = run(args.seconds, args.rounds)
     for key, value in results.items():
         print(f"{key:40s} {value:14.2f}")
     target = results["ratio_read_vs_baseline"] >= 0.7
