@@ -231,3 +231,31 @@ def test_a_tcp_listener_is_refused_clearly() -> None:
                            "tcp:127.0.0.1:0", *LVU], cwd=REPO, capture_output=True, timeout=60)
     assert proc.returncode != 0
     assert b"UNIX sockets only" in proc.stderr
+
+
+@needs_lvu
+def test_systemd_socket_activation(tmp_path: Path) -> None:
+    """LISTEN_FDS/LISTEN_PID (sd_listen_fds(3)): the socket arrives as fd 3."""
+    path = tmp_path / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    fd = listener.fileno()
+
+    def as_fd3() -> None:
+        os.dup2(fd, 3)  # inheritable, as systemd passes it
+
+    # exec keeps the shell's pid, so $$ is the server's pid
+    script = f'LISTEN_PID=$$ LISTEN_FDS=1 exec {sys.executable} -m xdevproto.testdev ' \
+             '--engine libvfio-user'
+    proc = subprocess.Popen(["sh", "-c", script], cwd=REPO, preexec_fn=as_fd3, pass_fds=[3],
+                            stderr=subprocess.PIPE)
+    listener.close()
+    try:
+        _wait_ready(proc, path)
+        with Client.connect(str(path)) as c:
+            assert c.region_read(PciRegion.CONFIG, 0, 4) == struct.pack("<HH", 0x1B36, 5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    assert proc.returncode == 0
