@@ -1,9 +1,10 @@
 """An xdev e1000 and a QEMU e1000 on one wire (issue 5, the shared-wire test).
 
 A real QEMU (TCG) boots Debian's kernel with a busybox initramfs and one
-e1000 NIC on ``-netdev dgram`` (one Ethernet frame per UDP datagram on
-127.0.0.1). The other end of that wire is ``xdev-e1000`` with its dgram back
-end, driven from this test over vfio-user by a minimal driver with memfd
+e1000 NIC on ``-netdev dgram`` (one Ethernet frame per UDP datagram) or
+``-netdev stream`` (length-prefixed frames over TCP), both on 127.0.0.1.
+The other end of that wire is ``xdev-e1000`` with the matching back end,
+driven from this test over vfio-user by a minimal driver with memfd
 guest RAM; the driver answers ARP and ICMP echo for its link-local address.
 The guest pings it and prints the summary on its serial console, which
 QEMU writes to a file; the guest powers off when done.
@@ -262,8 +263,8 @@ class Wire:
 
 def make_wire(kind: str) -> Wire:
     """QEMU 7.2 ``-netdev dgram``/``stream`` options (qemu-options.hx) on 127.0.0.1."""
-    xdev_port, qemu_port = free_udp_ports(2)
     if kind == "dgram":
+        xdev_port, qemu_port = free_udp_ports(2)
         return Wire(f"dgram,local=127.0.0.1:{xdev_port},remote=127.0.0.1:{qemu_port}",
                     f"dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port={qemu_port},"
                     f"remote.type=inet,remote.host=127.0.0.1,remote.port={xdev_port}")
@@ -315,8 +316,9 @@ def run_qemu(kernel: GuestKernel, initrd: Path, serial: Path, netdev: str) -> No
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
+        console = serial.read_text(errors="replace") if serial.exists() else "(none)"
         raise AssertionError(f"QEMU still running after {QEMU_TIMEOUT:.0f} s; serial:\n"
-                             + serial.read_text(errors="replace")) from None
+                             + console) from None
     finally:
         if proc.poll() is None:
             proc.kill()
