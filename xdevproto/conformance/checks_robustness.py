@@ -6,48 +6,30 @@ Sections refer to the vfio-user specification (QEMU docs/interop/vfio-user.rst).
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import struct
 
 from .. import wire
-from ..errors import PeerProtocolError
 from ..wire import Command
-from .context import Ctx, Session, errname, memfd, owned_fds
+from .context import Ctx, errname, memfd, owned_fds
 from .model import CheckFailed, Level, NotApplicable
-from .rawpeer import Msg, PeerClosed, PeerTimeout, encode
-from .registry import EVENTFD_TRIGGER, IOVA, PAGE, SERVER, dev_info, dma_map, dma_unmap, set_irqs
+from .rawpeer import PeerClosed, PeerTimeout, encode
+from .registry import (
+    EVENTFD_TRIGGER,
+    IOVA,
+    PAGE,
+    SERVER,
+    dev_info,
+    dma_map,
+    dma_unmap,
+    set_irqs,
+    version_body,
+)
 from .registry import region_info as region_info_body
 
 MUST, SHOULD = Level.MUST, Level.SHOULD
 
-
-def _version_body(major: int = 0, minor: int = 2, text: bytes | None = None) -> bytes:
-    if text is None:
-        text = json.dumps({"capabilities": {"max_msg_fds": 8}}).encode() + b"\0"
-    return struct.pack("<HH", major, minor) + text
-
-
-def _first(ctx: Ctx, body: bytes) -> tuple[Session, Msg]:
-    s, reply = ctx.first(Command.VERSION, body)
-    if reply is None:
-        raise CheckFailed("the server closed the connection instead of answering VERSION")
-    return s, reply
-
-
-def _decode_version(ctx: Ctx, payload: bytes) -> wire.Version:
-    try:
-        return wire.Version.decode(payload)
-    except PeerProtocolError as exc:
-        raise CheckFailed(f"VERSION reply does not parse: {exc}") from None
-
-
-def _expect_refusal(reply: Msg | None, what: str) -> None:
-    if reply is not None:
-        reply.close_fds()
-        if not reply.is_error:
-            raise CheckFailed(f"{what}: the server accepted it (success reply)")
 
 # -- malformed and oversized -------------------------------------------------------
 
@@ -254,7 +236,7 @@ def disconnect_second(ctx: Ctx) -> None:
         second = ctx.connect()
         second.peer.timeout = min(ctx.timeout, 1.0)
         try:
-            msg = second.call(Command.VERSION, _version_body())
+            msg = second.call(Command.VERSION, version_body())
             msg.close_fds()
             ctx.note(f"second client got {msg.describe()}")
         except (PeerClosed, PeerTimeout):

@@ -6,7 +6,6 @@ Sections refer to the vfio-user specification (QEMU docs/interop/vfio-user.rst).
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import struct
@@ -17,15 +16,9 @@ from ..wire import Command, HeaderFlags
 from .context import Ctx, Session, errname, owned_fds
 from .model import CheckFailed, Level, NotApplicable
 from .rawpeer import Msg, encode
-from .registry import IOVA, SERVER, dev_info
+from .registry import IOVA, SERVER, dev_info, version_body
 
 MUST, SHOULD = Level.MUST, Level.SHOULD
-
-
-def _version_body(major: int = 0, minor: int = 2, text: bytes | None = None) -> bytes:
-    if text is None:
-        text = json.dumps({"capabilities": {"max_msg_fds": 8}}).encode() + b"\0"
-    return struct.pack("<HH", major, minor) + text
 
 
 def _first(ctx: Ctx, body: bytes) -> tuple[Session, Msg]:
@@ -54,7 +47,7 @@ def _expect_refusal(reply: Msg | None, what: str) -> None:
 @SERVER("version.reply", "VERSION reply: same major, minor not above ours, well-formed JSON",
         "VFIO_USER_VERSION", MUST, "version")
 def version_reply(ctx: Ctx) -> None:
-    _s, reply = _first(ctx, _version_body())
+    _s, reply = _first(ctx, version_body())
     reply.close_fds()
     if reply.is_error:
         raise CheckFailed(f"VERSION 0.2 refused with {errname(reply.error)}")
@@ -69,7 +62,7 @@ def version_reply(ctx: Ctx) -> None:
 @SERVER("version.minor-lower", "a lower proposed minor is accepted and not exceeded",
         "VFIO_USER_VERSION", MUST, "version")
 def version_minor_lower(ctx: Ctx) -> None:
-    _s, reply = _first(ctx, _version_body(minor=0))
+    _s, reply = _first(ctx, version_body(minor=0))
     reply.close_fds()
     if reply.is_error:
         raise CheckFailed(f"VERSION 0.0 refused with {errname(reply.error)}; every minor below "
@@ -82,7 +75,7 @@ def version_minor_lower(ctx: Ctx) -> None:
 @SERVER("version.major-mismatch", "an unsupported major is refused, never answered as ours",
         "VFIO_USER_VERSION", MUST, "version")
 def version_major(ctx: Ctx) -> None:
-    _s, reply = ctx.first(Command.VERSION, _version_body(major=0x7FFF))
+    _s, reply = ctx.first(Command.VERSION, version_body(major=0x7FFF))
     if reply is None:
         return
     reply.close_fds()
@@ -96,7 +89,7 @@ def version_major(ctx: Ctx) -> None:
 @SERVER("version.caps-subset", "the reply enables no capability we did not propose",
         "VFIO_USER_VERSION", MUST, "version")
 def version_subset(ctx: Ctx) -> None:
-    _s, reply = _first(ctx, _version_body(text=b'{"capabilities":{}}\0'))
+    _s, reply = _first(ctx, version_body(text=b'{"capabilities":{}}\0'))
     nfds = len(reply.fds)
     reply.close_fds()
     if reply.is_error:
@@ -113,7 +106,7 @@ def version_subset(ctx: Ctx) -> None:
 @SERVER("version.no-json", "VERSION without the optional JSON is accepted",
         "VFIO_USER_VERSION", SHOULD, "version")
 def version_no_json(ctx: Ctx) -> None:
-    s, reply = _first(ctx, _version_body(text=b""))
+    s, reply = _first(ctx, version_body(text=b""))
     reply.close_fds()
     if reply.is_error:
         raise CheckFailed(f"VERSION without JSON refused with {errname(reply.error)}")
@@ -123,7 +116,7 @@ def version_no_json(ctx: Ctx) -> None:
 @SERVER("version.bad-json", "malformed VERSION JSON is refused and the server survives",
         "Security Considerations", SHOULD, "version")
 def version_bad_json(ctx: Ctx) -> None:
-    s, reply = ctx.first(Command.VERSION, _version_body(text=b'{"capabilities": [1, \0'))
+    s, reply = ctx.first(Command.VERSION, version_body(text=b'{"capabilities": [1, \0'))
     _expect_refusal(reply, "VERSION with broken JSON")
     s.close()
     ctx.alive("malformed VERSION JSON")
@@ -133,7 +126,7 @@ def version_bad_json(ctx: Ctx) -> None:
         "VFIO_USER_VERSION", SHOULD, "version")
 def version_bad_cap(ctx: Ctx) -> None:
     s, reply = ctx.first(Command.VERSION,
-                         _version_body(text=b'{"capabilities":{"max_msg_fds":"many"}}\0'))
+                         version_body(text=b'{"capabilities":{"max_msg_fds":"many"}}\0'))
     _expect_refusal(reply, "VERSION with max_msg_fds as a string")
     s.close()
     ctx.alive("a mistyped capability")
@@ -150,13 +143,13 @@ def version_first(ctx: Ctx) -> None:
         "VFIO_USER_VERSION", SHOULD, "version")
 def version_twice(ctx: Ctx) -> None:
     s = ctx.open()
-    s.refused(Command.VERSION, _version_body(), what="a second VERSION")
+    s.refused(Command.VERSION, version_body(), what="a second VERSION")
 
 
 @SERVER("version.twin-socket", "twin_socket, when granted, comes with fd_index and its socket",
         "VFIO_USER_VERSION", MUST, "version")
 def version_twin(ctx: Ctx) -> None:
-    _s, reply = _first(ctx, _version_body(
+    _s, reply = _first(ctx, version_body(
         text=b'{"capabilities":{"max_msg_fds":8,"twin_socket":{"supported":true}}}\0'))
     fds = list(reply.fds)
     with owned_fds(*fds):
@@ -177,7 +170,7 @@ def version_twin(ctx: Ctx) -> None:
 @SERVER("version.unknown-cap", "an unknown capability is ignored", "VFIO_USER_VERSION",
         SHOULD, "version")
 def version_unknown(ctx: Ctx) -> None:
-    _s, reply = _first(ctx, _version_body(
+    _s, reply = _first(ctx, version_body(
         text=b'{"capabilities":{"max_msg_fds":8,"x-conformance-unknown":{"a":1}}}\0'))
     reply.close_fds()
     if reply.is_error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 from .. import wire
@@ -15,6 +16,13 @@ RW_FLAGS = wire.DmaMapFlags.READ | wire.DmaMapFlags.WRITE
 #: IOVAs used by the DMA checks: page aligned, far from zero
 IOVA = 0x1_0000_0000
 PAGE = 4096
+
+
+def version_body(major: int = 0, minor: int = 2, text: bytes | None = None) -> bytes:
+    """A VERSION payload; by default offering 8 fds per message."""
+    if text is None:
+        text = json.dumps({"capabilities": {"max_msg_fds": 8}}).encode() + b"\0"
+    return struct.pack("<HH", major, minor) + text
 
 
 def dev_info(argsz: int = 16) -> bytes:
