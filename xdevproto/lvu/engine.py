@@ -355,7 +355,7 @@ class LvuEngine:
         except OSError as exc:
             if exc.errno in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
                 self._refused = False
-            elif exc.errno != errno.EAGAIN:
+            elif exc.errno not in (errno.EAGAIN, errno.EINTR):  # EINTR: a signal, e.g. SIGTERM
                 raise
 
     def _permitted(self) -> bool:
