@@ -82,6 +82,9 @@ class Client:
         )
         self.conn = Connection(Role.CLIENT, caps)
         self.guest = guest
+        #: iova -> (size, readable, writable): what the server's DMA_READ/
+        #: DMA_WRITE may reach ("DMA_READ": the range must be mapped)
+        self._dma_maps: dict[int, tuple[int, bool, bool]] = {}
         self._lock = threading.Lock()
         self._twin: tuple[Transport, Connection] | None = None
         self._service: threading.Thread | None = None
@@ -170,6 +173,7 @@ class Client:
         try:
             if self.guest is None:
                 raise VfioUserError("no guest memory to serve DMA from", errno.EFAULT)
+            self._check_dma(p.address, p.count, ev.command is Command.DMA_WRITE)
             if ev.command is Command.DMA_READ:
                 data = self.guest.read(p.address, p.count)
                 out = conn.send_reply(ev, wire.DmaAccess(p.address, p.count, data))
@@ -356,13 +360,26 @@ class Client:
         if fd is not None and not fds:
             offset = 0
         self.call(Command.DMA_MAP, wire.DmaMap(wire.DmaMap.SIZE, flags, offset, iova, size), fds)
+        self._dma_maps[iova] = (size, readable, writable)
 
     def dma_unmap(self, iova: int, size: int) -> None:
         self.call(Command.DMA_UNMAP, wire.DmaUnmap(wire.DmaUnmap.SIZE, 0, iova, size))
+        self._dma_maps.pop(iova, None)
 
     def dma_unmap_all(self) -> None:
         self.call(Command.DMA_UNMAP,
                   wire.DmaUnmap(wire.DmaUnmap.SIZE, wire.DmaUnmapFlags.ALL, 0, 0))
+        self._dma_maps.clear()
+
+    def _check_dma(self, address: int, count: int, write: bool) -> None:
+        """The server may reach only what we mapped, with the access we
+        granted; anything else is EFAULT, as for an IOMMU fault."""
+        for iova, (size, readable, writable) in tuple(self._dma_maps.items()):
+            if iova <= address and address + count <= iova + size:
+                if writable if write else readable:
+                    return
+                break
+        raise VfioUserError(f"server DMA to unmapped {address:#x}+{count}", errno.EFAULT)
 
     # -- interrupts ------------------------------------------------------------------
     def set_irqs(self, index: int, action: SetIrqsFlags, start: int = 0, *,
