@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from xdevproto import wire
 from xdevproto.client import Client
 from xdevproto.errors import ConnectionClosed, PeerProtocolError, RemoteError
+from xdevproto.guestmem import MemfdRam
 from xdevproto.server import Server
 from xdevproto.testdev import BUF_OFF, ID_VALUE, TestDevice
 from xdevproto.transport import fds_from_ancillary, listen
@@ -525,6 +526,48 @@ def test_client_answers_bad_dma_command_with_error(tmp_path: Path) -> None:
     t.join(10)
     assert got and got[0].msg_id == 9 and got[0].flags == REPLY | ERROR
     assert got[0].error == EINVAL
+
+
+def test_client_serves_dma_only_inside_its_maps(tmp_path: Path) -> None:
+    """DMA_READ/DMA_WRITE must lie in a mapped region with the access that
+    was granted; the client answers anything else with EFAULT."""
+    answers: list[tuple[wire.Header, bytes]] = []
+    asks = [
+        msg(20, Command.DMA_READ, struct.pack("<QQ", 0x1000, 4)),  # mapped, readable
+        msg(21, Command.DMA_READ, struct.pack("<QQ", 0x3000, 4)),  # never mapped
+        msg(22, Command.DMA_READ, struct.pack("<QQ", 0x1ffe, 4)),  # runs past the map
+        msg(23, Command.DMA_WRITE, struct.pack("<QQ", 0x1000, 2) + b"hi"),  # read-only map
+        msg(24, Command.DMA_WRITE, struct.pack("<QQ", 0x2000, 2) + b"ok"),  # writable map
+    ]
+
+    def script(conn: socket.socket) -> None:
+        answer_version(conn)
+        for mid in (2, 3):  # the two DMA_MAPs
+            conn.recv(4096)
+            conn.sendall(msg(mid, Command.DMA_MAP, flags=REPLY))
+        conn.recv(4096)  # the client's DEVICE_RESET (id 4)
+        for ask in asks:
+            conn.sendall(ask)
+            head = conn.recv(16)
+            hdr = wire.Header.decode(head)
+            answers.append((hdr, conn.recv(hdr.msg_size - 16) if hdr.msg_size > 16 else b""))
+        conn.sendall(msg(4, Command.DEVICE_RESET, flags=REPLY))
+        conn.recv(4096)
+
+    path, t = fake_server(tmp_path, script)
+    with MemfdRam(0x4000) as ram:
+        ram.write(0x1000, b"data")
+        with Client.connect(path, timeout=10, twin_socket=False, guest=ram) as c:
+            c.transport.sock.settimeout(10)
+            c.dma_map(0x1000, 0x1000, writable=False)
+            c.dma_map(0x2000, 0x1000)
+            c.reset()
+        assert ram.read(0x1000, 2) == b"da" and ram.read(0x2000, 2) == b"ok"
+    t.join(10)
+    assert [(h.msg_id, h.flags, h.error) for h, _ in answers] == [
+        (20, REPLY, 0), (21, REPLY | ERROR, errno.EFAULT), (22, REPLY | ERROR, errno.EFAULT),
+        (23, REPLY | ERROR, errno.EFAULT), (24, REPLY, 0)]
+    assert answers[0][1] == struct.pack("<QQ", 0x1000, 4) + b"data"
 
 
 # -- random messages never take the server down -------------------------------------------
