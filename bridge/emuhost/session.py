@@ -124,18 +124,31 @@ class MachineLock:
     boots gives every run its real speed and keeps timeouts meaningful.
     """
 
+    #: Locks this process holds: path -> (open lock file, holders). flock(2)
+    #: locks belong to one open file, so a second host booted by the same
+    #: process (a test booting its own host while the session fixture's is
+    #: up) would otherwise wait for itself until exclusive_wait_s ran out.
+    _held: dict[Path, tuple[IO[str], int]] = {}
+
     def __init__(self, path: Path, *, wait_s: float, log: Log = print) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = open(path, "a")  # noqa: SIM115 -- held until release()
+        self._path: Path | None = path.resolve()
+        if self._path in self._held:
+            held, count = self._held[self._path]
+            self._held[self._path] = (held, count + 1)
+            return
+        lock_file = open(path, "a")  # noqa: SIM115 -- held until the last release()
         deadline = time.monotonic() + wait_s
         told = False
         while True:
             try:
-                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._held[self._path] = (lock_file, 1)
                 return
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    self.release()
+                    lock_file.close()
+                    self._path = None
                     raise BootError(
                         f"another emulated host held {path} for over {wait_s:.0f} s"
                     ) from None
@@ -145,9 +158,15 @@ class MachineLock:
                 time.sleep(1)
 
     def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing drops the flock
-            self._file = None
+        if self._path is None or self._path not in self._held:
+            return
+        lock_file, count = self._held[self._path]
+        if count > 1:
+            self._held[self._path] = (lock_file, count - 1)
+        else:
+            del self._held[self._path]
+            lock_file.close()  # closing drops the flock
+        self._path = None
 
 
 def prepare_session_dir(directory: Path, shares: Mapping[str, Share]) -> dict[str, Share]:

@@ -6,6 +6,7 @@ host, so these tests run in seconds and need neither QEMU nor an image.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -101,11 +102,34 @@ def test_boot_that_never_comes_up_times_out(
 
 
 def test_machine_lock_queues_a_second_host(tmp_path: Path) -> None:
-    first = MachineLock(tmp_path / "machine.lock", wait_s=1)
-    with pytest.raises(BootError, match="another emulated host"):
-        MachineLock(tmp_path / "machine.lock", wait_s=0.2, log=lambda _m: None)
-    first.release()
-    MachineLock(tmp_path / "machine.lock", wait_s=0.2).release()
+    path = tmp_path / "machine.lock"
+    holder = subprocess.Popen(  # another process holds the machine
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(BootError, match="another emulated host"):
+            MachineLock(path, wait_s=0.2, log=lambda _m: None)
+    finally:
+        holder.communicate("")
+    MachineLock(path, wait_s=0.2).release()
+
+
+def test_machine_lock_nests_within_one_process(tmp_path: Path) -> None:
+    """A test booting its own host beside the session's must not wait for itself."""
+    path = tmp_path / "machine.lock"
+    outer = MachineLock(path, wait_s=0.2)
+    inner = MachineLock(path, wait_s=0.2)
+    outer.release()
+    inner_again = MachineLock(path, wait_s=0.2)  # inner still holds it
+    inner.release()
+    inner_again.release()
+    inner_again.release()  # a second release is a no-op
+    checker = subprocess.run(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(path)], check=False)
+    assert checker.returncode == 0  # the last release dropped the flock
 
 
 def test_session_releases_the_machine_lock_on_close(tmp_path: Path, boot: BootConfig) -> None:
