@@ -16,9 +16,13 @@ per engine (``*_native``, ``*_lvu``) and as ``ratio_*_lvu_vs_native``:
   32 outstanding, guest RAM mapped with an fd, MSI completions (the driver
   of bench/ahci.py).
 
-As in bench/protocol.py, client and server are pinned to one CPU, so the
+As in bench/protocol.py, client and servers are pinned to one CPU, so the
 figures measure CPU cost rather than this machine's cross-CPU wake-up
-latency; the same figures unpinned are reported as ``*_unpinned``.
+latency (the same figures unpinned are reported as ``*_unpinned``), and
+every server of both engines stays up for the whole run while short rounds
+of each measurement alternate between the engines: every figure is the
+median over the rounds and each ratio is taken within a round, so load
+from elsewhere on the machine falls on both sides of it.
 Without libvfio-user only the native figures are written, with the reason.
 """
 
@@ -29,12 +33,13 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,54 +101,64 @@ def _timed(fn: Callable[[], object], seconds: float) -> float:
             return n / (now - start)
 
 
-def region_reads(engine: str, cpu: int | None, seconds: float) -> dict[str, float]:
-    out: dict[str, float] = {}
-    with served(["xdevproto.testdev"], engine, cpu) as sock, Client.connect(sock) as c:
-        out["region_read_rtt_per_s"] = _timed(
-            lambda: c.region_read(PciRegion.BAR0, 4, 4), seconds)
-    with served(["servers.e1000.cli"], engine, cpu) as sock, Client.connect(sock) as c:
-        out["e1000_status_read_rtt_per_s"] = _timed(
-            lambda: c.region_read(PciRegion.BAR0, E1000_STATUS, 4), seconds)
-    return out
+class _Rig:
+    """Every server of one engine up at once, with a client connected to each."""
 
+    def __init__(self, stack: ExitStack, engine: str, cpu: int | None, image: Path) -> None:
+        sock = stack.enter_context(served(["xdevproto.testdev"], engine, cpu))
+        self.testdev = stack.enter_context(Client.connect(sock))
+        sock = stack.enter_context(served(["servers.e1000.cli"], engine, cpu))
+        self.e1000 = stack.enter_context(Client.connect(sock))
+        sock = stack.enter_context(served(["servers.ahci", "--disk", f"file={image}"],
+                                          engine, cpu))
+        ram = stack.enter_context(MemfdRam(RAM))
+        self.hba = Hba(stack.enter_context(Client.connect(sock, guest=ram)), ram)
+        stack.callback(os.close, self.hba.efd)
+        self.sectors = image.stat().st_size // 512
+        self.rng = random.Random(1)
 
-def ahci_iops(engine: str, cpu: int | None, image: Path, seconds: float) -> dict[str, float]:
-    sectors = image.stat().st_size // 512
-    out: dict[str, float] = {}
-    with served(["servers.ahci", "--disk", f"file={image}"], engine, cpu) as sock, \
-            MemfdRam(RAM) as ram, Client.connect(sock, guest=ram) as c:
-        hba = Hba(c, ram)
-        rng = random.Random(1)
+    def figures(self, seconds: float) -> dict[str, float]:
+        out = {
+            "region_read_rtt_per_s": _timed(
+                lambda: self.testdev.region_read(PciRegion.BAR0, 4, 4), seconds),
+            "e1000_status_read_rtt_per_s": _timed(
+                lambda: self.e1000.region_read(PciRegion.BAR0, E1000_STATUS, 4), seconds),
+        }
 
         def rand(tag: int) -> None:
-            hba.build(tag, rng.randrange(sectors // 8 - 1) * 8, 8, False)
+            self.hba.build(tag, self.rng.randrange(self.sectors // 8 - 1) * 8, 8, False)
 
         for depth in (1, 32):
-            n, t = run_queue(hba, depth, seconds, rand)
+            n, t = run_queue(self.hba, depth, seconds, rand)
             out[f"ahci_rand4k_read_iops_qd{depth}"] = n / t
-        os.close(hba.efd)
-    return out
+        return out
 
 
-def measure(engines: list[str], cpu: int | None, image: Path,
-            seconds: float) -> dict[str, float]:
+def measure(engines: list[str], cpu: int | None, images: dict[str, Path],
+            seconds: float, rounds: int) -> dict[str, float]:
+    """Medians over ``rounds`` alternating rounds; ratios taken within each round."""
     _pin(cpu)
-    results: dict[str, float] = {}
-    for short in engines:
-        figures = {**region_reads(ENGINES[short], cpu, seconds),
-                   **ahci_iops(ENGINES[short], cpu, image, seconds)}
-        results.update({f"{key}_{short}": value for key, value in figures.items()})
-    if "lvu" in engines:
-        for key in [k.removesuffix("_native") for k in results if k.endswith("_native")]:
-            results[f"ratio_{key}_lvu_vs_native"] = (results[f"{key}_lvu"]
-                                                     / results[f"{key}_native"])
-    return results
+    samples: dict[str, list[float]] = {}
+    with ExitStack() as stack:
+        rigs = {short: _Rig(stack, ENGINES[short], cpu, images[short]) for short in engines}
+        for _ in range(rounds):
+            got = {short: rig.figures(seconds / rounds) for short, rig in rigs.items()}
+            for short, figures in got.items():
+                for key, value in figures.items():
+                    samples.setdefault(f"{key}_{short}", []).append(value)
+            if "lvu" in got:
+                for key, value in got["lvu"].items():
+                    samples.setdefault(f"ratio_{key}_lvu_vs_native", []).append(
+                        value / got["native"][key])
+    return {key: statistics.median(values) for key, values in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the figures to this file")
     ap.add_argument("--seconds", type=float, default=2.0, help="per figure (default 2)")
+    ap.add_argument("--rounds", type=int, default=8,
+                    help="alternating rounds; figures are medians over them")
     ap.add_argument("--size-mb", type=int, default=64, help="AHCI image size (default 64)")
     args = ap.parse_args(argv)
     reason = unavailable_reason()
@@ -154,15 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     cpu = sorted(os.sched_getaffinity(0))[0]
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        image = Path(tmp) / "bench.img"
-        with open(image, "wb") as f:
-            chunk = os.urandom(1 << 20)
-            for _ in range(args.size_mb):
-                f.write(chunk)
-        results: dict[str, float | str] = dict(measure(engines, cpu, image, args.seconds))
-        unpinned = measure(engines, None, image, args.seconds)
+        images = {short: Path(tmp) / f"bench-{short}.img" for short in engines}
+        chunk = os.urandom(1 << 20)
+        for image in images.values():  # one image per server: no sharing of a file
+            with open(image, "wb") as f:
+                for _ in range(args.size_mb):
+                    f.write(chunk)
+        results: dict[str, float | str] = dict(
+            measure(engines, cpu, images, args.seconds, args.rounds))
+        unpinned = measure(engines, None, images, args.seconds, args.rounds)
     results.update({f"{key}_unpinned": value for key, value in unpinned.items()})
     results["pinned_cpu"] = cpu
+    results["rounds"] = args.rounds
     if reason:
         results["lvu_unavailable"] = reason
     for key, value in results.items():
