@@ -111,7 +111,14 @@ class Client:
         if reply.error:
             raise RemoteError(Command.VERSION, reply.error)
         if reply.fds:
-            tsock = socket.socket(fileno=reply.fds[0])
+            try:
+                tsock = socket.socket(fileno=reply.fds[0])
+            except OSError:  # the server passed something that is not a socket
+                close_fds(reply.fds)
+                raise PeerProtocolError("twin socket fd is not a socket", fatal=True) from None
+            if tsock.family != socket.AF_UNIX or tsock.type != socket.SOCK_STREAM:
+                tsock.close()
+                raise PeerProtocolError("twin socket is not an AF_UNIX stream", fatal=True)
             self._twin = (Transport(tsock, max_recv_fds=0), self.conn.twin())
             # Server commands now come only on the twin socket: a thread
             # blocked on it costs the main socket's round trips nothing.
