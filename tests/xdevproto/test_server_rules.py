@@ -528,6 +528,38 @@ def test_client_answers_bad_dma_command_with_error(tmp_path: Path) -> None:
     assert got[0].error == EINVAL
 
 
+@pytest.mark.parametrize("kind", ["pipe", "datagram"])
+def test_client_refuses_a_twin_fd_that_is_no_stream_socket(tmp_path: Path, kind: str) -> None:
+    keep: list[int] = []
+
+    def script(conn: socket.socket) -> None:
+        head = conn.recv(4096)
+        if kind == "pipe":
+            r, w = os.pipe()
+            passed, keep[:] = r, [w]
+        else:
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            passed, keep[:] = a.detach(), [b.detach()]
+        caps = b'{"capabilities":{"twin_socket":{"supported":true,"fd_index":0}}}\0'
+        reply = msg(struct.unpack_from("<H", head)[0], Command.VERSION,
+                    struct.pack("<HH", 0, 2) + caps, flags=REPLY)
+        conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                array.array("i", [passed]).tobytes())])
+        os.close(passed)
+        conn.recv(4096)
+
+    path, t = fake_server(tmp_path, script)
+    with pytest.raises(PeerProtocolError):
+        Client.connect(path, timeout=10)
+    t.join(10)
+    if kind == "pipe":  # EOF: the client closed the read end it received
+        os.set_blocking(keep[0], False)
+        with pytest.raises(BrokenPipeError):
+            os.write(keep[0], b"x")
+    for fd in keep:
+        os.close(fd)
+
+
 def test_client_serves_dma_only_inside_its_maps(tmp_path: Path) -> None:
     """DMA_READ/DMA_WRITE must lie in a mapped region with the access that
     was granted; the client answers anything else with EFAULT."""
