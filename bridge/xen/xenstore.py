@@ -18,7 +18,7 @@ the bridge runs in (``0`` for dom0), one directory per guest::
         state           initialising | running | closing | closed
         pid             the bridge process id
         ioreq-server    the ioreq server id Xen gave us
-        devices/<SSSS:BB:DD.F>/
+        devices/<SSSS-BB-DD-F>/   (xenstore node names allow no ":" or ".")
             server      where the device server is (e.g. unix:/run/xdev/ahci.sock)
             state       connected | disconnected
 
