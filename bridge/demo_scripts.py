@@ -184,8 +184,9 @@ if [ "$XDEV_LAUNCHER" = systemd ]; then
     mkdir -p /usr/local/lib/xdev/bin
     for pair in ahci:servers.ahci e1000:servers.e1000.cli bridge:bridge.cli; do
         name=${{pair%%:*}}; mod=${{pair#*:}}
-        printf '#!/bin/sh\nexport PYTHONPATH=/xdev/repo PYTHONPYCACHEPREFIX=/tmp/xdev-pycache\n\
-exec python3 -m %s "$@"\n' "$mod" > /usr/local/lib/xdev/bin/xdev-$name
+        {{ echo '#!/bin/sh'
+          echo 'export PYTHONPATH=/xdev/repo PYTHONPYCACHEPREFIX=/tmp/xdev-pycache'
+          echo "exec python3 -m $mod \"\$@\""; }} > /usr/local/lib/xdev/bin/xdev-$name
         chmod 755 /usr/local/lib/xdev/bin/xdev-$name
     done
     python3 -m xdevproto.units install --bindir /usr/local/lib/xdev/bin > /dev/null
