@@ -168,10 +168,14 @@ echo {MARKER}
 #: dom0 side of one demo run: image, network peers, bridge.serve, checks.
 #: Needs XDEV_LAUNCHER (process|systemd) and XDEV_GUEST; writes results.txt.
 DOM0_SCRIPT = rf"""
-export PYTHONPYCACHEPREFIX=/tmp/xdev-pycache
+export PYTHONPYCACHEPREFIX=/var/cache/xdev-pycache
 R="$XDEV_RUN"
 res() {{ echo "$*" >> "$R/results.txt"; }}
 IMG=/var/lib/xdev/images/demo.img
+# Byte code for every module the daemons import, written once into a cache
+# that the sandboxed units can read (their /tmp is private, and with a
+# pycache prefix even the standard library would be compiled at each start).
+python3 -c 'import bridge.serve, bridge.cli, servers.ahci.cli, servers.e1000.cli'
 mkdir -p /var/lib/xdev/images /run/xdev
 rm -f "$IMG"
 truncate -s {DISK_MB}M "$IMG"
@@ -185,7 +189,7 @@ if [ "$XDEV_LAUNCHER" = systemd ]; then
     for pair in ahci:servers.ahci e1000:servers.e1000.cli bridge:bridge.cli; do
         name=${{pair%%:*}}; mod=${{pair#*:}}
         {{ echo '#!/bin/sh'
-          echo 'export PYTHONPATH=/xdev/repo PYTHONPYCACHEPREFIX=/tmp/xdev-pycache'
+          echo 'export PYTHONPATH=/xdev/repo PYTHONPYCACHEPREFIX=/var/cache/xdev-pycache'
           echo "exec python3 -m $mod \"\$@\""; }} > /usr/local/lib/xdev/bin/xdev-$name
         chmod 755 /usr/local/lib/xdev/bin/xdev-$name
     done

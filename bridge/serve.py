@@ -261,12 +261,13 @@ class SystemdLauncher:
         (CONF_DIR / f"{name}-{self.plan.instance}.conf").write_text(
             "# written by xdev-demo (bridge/serve.py)\n" + "\n".join(lines) + "\n")
 
-    def _start(self, unit: str) -> None:
-        self.started.append(unit)
-        done = sh("systemctl", "start", unit, timeout=300, check=False)
+    def _start(self, *units: str) -> None:
+        self.started += units
+        done = sh("systemctl", "start", *units, timeout=400, check=False)
         if done.returncode != 0:
-            status = sh("systemctl", "status", "--no-pager", "-l", unit, check=False).stdout
-            raise ServeError(f"systemctl start {unit} failed: {done.stderr.strip()}\n{status}")
+            status = sh("systemctl", "status", "--no-pager", "-l", *units, check=False).stdout
+            raise ServeError(f"systemctl start {' '.join(units)} failed: "
+                             f"{done.stderr.strip()}\n{status}")
 
     def start_servers(self) -> None:
         if sh("systemctl", "cat", f"xdev-bridge@{self.plan.instance}.service",
@@ -277,18 +278,31 @@ class SystemdLauncher:
             # The unit's StateDirectory= may have moved the directory to
             # /var/lib/private (DynamicUser=); the image goes in either way.
             IMAGE_DIR.mkdir(parents=True, exist_ok=True)
+        units = []
         for kind, _bdf in kinds(self.plan):
             self._conf(kind, server_argv(self.plan, kind))
-            self._start(f"xdev-{kind}@{self.plan.instance}.socket")
+            units += [f"xdev-{kind}@{self.plan.instance}.socket",
+                      f"xdev-{kind}@{self.plan.instance}.service"]
+        # The services too, not only their sockets: started together they
+        # come up in parallel (Type=notify: systemctl returns at READY=1),
+        # instead of one after the other as the bridge connects to each.
+        self._start(*units)
 
     def start_bridge(self) -> None:
         self._conf("bridge", bridge_argv(self.plan))
+        # Python starts slowly on an emulated host (40 s seen under TCG):
+        # more than the default 90 s start timeout with the connects.
+        dropin = Path(f"/run/systemd/system/xdev-bridge@{self.plan.instance}.service.d")
+        dropin.mkdir(parents=True, exist_ok=True)
+        (dropin / "xdev-serve.conf").write_text("[Service]\nTimeoutStartSec=300\n")
+        sh("systemctl", "daemon-reload")
         self._start(f"xdev-bridge@{self.plan.instance}.service")  # Type=notify: returns at READY
 
     def stop(self) -> None:
-        services = [u.replace(".socket", ".service") for u in self.started]
-        for unit in reversed(self.started + services):
-            sh("systemctl", "stop", unit, check=False, timeout=60)
+        # The bridge first, then the servers (they flush on SIGTERM), then sockets.
+        order = sorted(self.started, key=lambda u: ("bridge" not in u, u.endswith(".socket")))
+        for unit in dict.fromkeys(order):
+            sh("systemctl", "stop", unit, check=False, timeout=120)
         self.started.clear()
 
 
