@@ -263,7 +263,7 @@ class BridgeDevice:
             self.dead_since = time.monotonic()
             if self.intx_asserted:
                 self.intx_asserted = False
-                self.frontend.set_intx(self.sbdf, self.pin, 0)
+                self.frontend.set_intx(self.sbdf, self.pin - 1, 0)
         try:
             client.close()
         except Exception:

@@ -148,6 +148,20 @@ def test_intx_level_and_eoi_on_bar_access(rig) -> None:
     assert front.intx[-1] == (SBDF, 0, 0)
 
 
+def test_server_death_lowers_the_asserted_intx_line(rig) -> None:
+    """A dead server must not leave INTA# high: the guest would take the
+    level-triggered interrupt forever (seen: soft lockup in a Xen guest)."""
+    bridge, dev, front, served, _ = rig
+    bridge.config_write(SBDF, 0x10, 4, 0xE000_0000)
+    bridge.config_write(SBDF, 0x04, 2, 0x0002)
+    served.device._signal(IrqIndex.INTX, 0)
+    wait_for(lambda: front.intx)
+    assert front.intx == [(SBDF, 0, 1)]
+    served.kill()
+    wait_for(lambda: bridge.config_read(SBDF, 0x2C, 4) is not None and not dev.alive)
+    assert front.intx[-1] == (SBDF, 0, 0)
+
+
 def test_server_death_and_return(rig) -> None:
     bridge, dev, front, served, ram = rig
     bridge.config_write(SBDF, 0x10, 4, 0xE000_0000)
