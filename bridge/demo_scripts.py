@@ -168,7 +168,7 @@ echo {MARKER}
 #: dom0 side of one demo run: image, network peers, bridge.serve, checks.
 #: Needs XDEV_LAUNCHER (process|systemd) and XDEV_GUEST; writes results.txt.
 DOM0_SCRIPT = rf"""
-export PYTHONPYCACHEPREFIX=/var/cache/xdev-pycache
+export PYTHONPYCACHEPREFIX=/var/cache/xdev-pycache PYTHONFAULTHANDLER=1
 R="$XDEV_RUN"
 res() {{ echo "$*" >> "$R/results.txt"; }}
 IMG=/var/lib/xdev/images/demo.img
@@ -190,6 +190,7 @@ if [ "$XDEV_LAUNCHER" = systemd ]; then
         name=${{pair%%:*}}; mod=${{pair#*:}}
         {{ echo '#!/bin/sh'
           echo 'export PYTHONPATH=/xdev/repo PYTHONPYCACHEPREFIX=/var/cache/xdev-pycache'
+          echo 'export PYTHONFAULTHANDLER=1'
           echo "exec python3 -m $mod \"\$@\""; }} > /usr/local/lib/xdev/bin/xdev-$name
         chmod 755 /usr/local/lib/xdev/bin/xdev-$name
     done

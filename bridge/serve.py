@@ -235,9 +235,11 @@ class ProcessLauncher:
         self._spawn("bridge", bridge_argv(self.plan), running)
 
     def stop(self) -> None:
-        for _what, proc in reversed(self.children):
+        for what, proc in reversed(self.children):
             if proc.poll() is None:
                 proc.terminate()
+            else:  # died under the guest: say how (a negative code is a signal)
+                print(f"xdev: {what} had exited with status {proc.returncode}", file=sys.stderr)
         for what, proc in reversed(self.children):
             try:
                 proc.wait(timeout=30)
