@@ -221,7 +221,7 @@ def run_bench(seconds: float, rounds: int, size_mb: int, timeout: float) -> tupl
         disk = "/var/tmp/xdev-bench/qemu.img,raw,hda,rw"
         guest = HvmGuest(name=GUEST, init_script=guest_script(seconds, rounds), memory_mb=256,
                          disks=(disk,), extra=(("hdtype", '"ahci"'),), files=tuple(files))
-        guest_timeout = int(600 + rounds * 8 * seconds * 3)
+        guest_timeout = int(900 + rounds * 8 * seconds * 3)
         load_before = os.getloadavg()[0]
         started = time.monotonic()
         result = host.run(DOM0_SCRIPT, guests=[guest], timeout=timeout,
@@ -255,8 +255,8 @@ def main() -> int:
                     help="per figure, device and round (default 5)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds, alternating order (default 2)")
     ap.add_argument("--size-mb", type=int, default=64, help="each disk's size (default 64)")
-    ap.add_argument("--timeout", type=float, default=1500,
-                    help="bound on the dom0 job in seconds (default 1500)")
+    ap.add_argument("--timeout", type=float, default=1800,
+                    help="bound on the dom0 job in seconds (default 1800)")
     args = ap.parse_args()
     if args.seconds <= 0 or args.rounds < 1 or args.size_mb < 2:
         ap.error("--seconds > 0, --rounds >= 1 and --size-mb >= 2 please")
