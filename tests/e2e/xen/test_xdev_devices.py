@@ -12,6 +12,15 @@ each way over TCP. dom0 then checks the image.
 * with MSI, the daemons started by the systemd units (issue 7);
 * with ``pci=nomsi`` (INTx), the daemons as plain processes;
 * SeaBIOS boots from a boot sector on the xdev disk (no kernel given).
+
+Seen so far (beside a second emulated host, so everything ran 5-10x slow):
+SeaBIOS found "AHCI controller at 00:05.0" and booted the boot sector
+(passes, 137 s from create to marker); under the units every daemon started
+with its sandbox (DynamicUser migrated /var/lib/xdev/images, the e1000 opened
+the xdev-net tap); in the INTx run the xdev-ahci process lost its connection
+right after Linux's HBA reset (no traceback at info level; the daemons now run
+with PYTHONFAULTHANDLER) and the guest then hung in a soft lockup, which the
+bridge's fix for lowering INTA# of a dead server addresses.
 """
 
 from __future__ import annotations
