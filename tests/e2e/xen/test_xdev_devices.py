@@ -37,9 +37,9 @@ pytestmark = pytest.mark.xen
 def _run(session: HostSession, launcher: str, nomsi: bool) -> RunResult:
     guest = demo_guest(nomsi=nomsi)
     assert isinstance(guest, HvmGuest)
-    return session.run(ds.DOM0_SCRIPT, guests=[guest], timeout=1200,
+    return session.run(ds.DOM0_SCRIPT, guests=[guest], timeout=2000,
                        env={"XDEV_LAUNCHER": launcher, "XDEV_GUEST": guest.name,
-                            "XDEV_GUEST_TIMEOUT": "900"})
+                            "XDEV_GUEST_TIMEOUT": "1600"})
 
 
 def _check(result: RunResult, irq: str) -> None:
