@@ -56,6 +56,12 @@ CMD_INTX_DISABLE = 1 << 10
 CAP_MSI = 0x05
 CAP_MSIX = 0x11
 RECONNECT_INTERVAL = 0.5
+#: Guest-physical space offered to device servers, as DMA regions without an
+#: fd (reached by DMA_READ/DMA_WRITE, or mapped by the server itself with the
+#: xdev extension). 48 bits in pieces of 8 TiB: libvfio-user refuses a
+#: single region larger than that (ENOSPC). Holes answer EFAULT.
+DMA_PIECE = 1 << 43
+GUEST_DMA_RANGES = tuple((i * DMA_PIECE, DMA_PIECE) for i in range((1 << 48) // DMA_PIECE))
 
 
 class Frontend(Protocol):
@@ -138,7 +144,7 @@ class BridgeDevice:
 
     def __init__(self, sbdf: int, address: str, frontend: Frontend,
                  guest: GuestMemory | None, *,
-                 dma_ranges: Sequence[tuple[int, int]] = ((0, 1 << 48),),
+                 dma_ranges: Sequence[tuple[int, int]] = GUEST_DMA_RANGES,
                  guest_memory_offer: dict[str, Any] | None = None) -> None:
         self.sbdf = sbdf
         self.address = address

@@ -39,6 +39,7 @@ DEFAULT_PACKAGES: tuple[str, ...] = (
     "python3-ply",
     "python3-construct",
     "python3-pyxs",
+    "libatomic1",  # atomic ring pointers for the ioreq server's buffered ring
     "qemu-system-xen",
     "busybox-static",
     "iproute2",
