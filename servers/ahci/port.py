@@ -266,7 +266,8 @@ class Port:
             if gen != self.gen or not cmd.h2d.c or self.queue or self.halted \
                     or not self._may_start(cmd):
                 return Fetched(cmd, False)
-            fb = self._claim(cmd)
+            # This fetch job becomes the command's execution: still one job.
+            fb = self._claim(cmd, new_job=False)
         try:
             return Fetched(cmd, True, self._execute(cmd, clb, fb))
         except Exception as exc:  # the completion turns it into the port's error status
@@ -287,10 +288,10 @@ class Port:
 
     def _fetched(self, gen: int, slot: int, fetched: Fetched | None,
                  error: BaseException | None) -> None:
-        self.inflight -= 1
         if fetched is not None and fetched.started:
-            self._executed(gen, fetched.cmd, fetched.done, fetched.error)
+            self._executed(gen, fetched.cmd, fetched.done, fetched.error)  # counts the job off
             return
+        self.inflight -= 1
         if gen != self.gen:
             self._maybe_idle()
             return
@@ -335,13 +336,14 @@ class Port:
             return not self.running_plain
         return not (self.running_plain or self.running_ncq)
 
-    def _claim(self, cmd: Command) -> int | None:
+    def _claim(self, cmd: Command, new_job: bool = True) -> int | None:
         """Count ``cmd`` as running; the received-FIS address it reports to (None: FRE off)."""
         if cmd.ncq:
             self.running_ncq += 1
         else:
             self.running_plain = True
-        self.inflight += 1
+        if new_job:
+            self.inflight += 1
         return self._addr("PxFB", "PxFBU") if self.get("PxCMD") & R.CMD_FRE else None
 
     def _execute(self, cmd: Command, clb: int, fb: int | None) -> Done:
