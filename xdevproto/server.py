@@ -354,6 +354,11 @@ class Session(DeviceContext):
         except Exception:
             log.exception("device failed on a region access")
             out = Connection.send_error(msg_id, command, errno.EIO)
+        if self._twin is not None:
+            # Workers send only on the twin socket: this thread is the main
+            # socket's one sender.
+            self.transport.send(out)
+            return
         with self.lock:
             self.transport.send(out)
 
