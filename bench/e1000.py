@@ -41,6 +41,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from timing import pin  # noqa: E402
+
 from servers.e1000 import regs as R  # noqa: E402
 from xdevproto.client import Client  # noqa: E402
 from xdevproto.guestmem import MemfdRam  # noqa: E402
@@ -70,7 +72,7 @@ STOP = b"xdev-bench-stop"
 
 def _count(conn: Any, cpu: int | None) -> None:
     """As lean a receiver as Python allows: blocking recv into one buffer."""
-    _pin(cpu)
+    pin(cpu)
     sock = udp_sock()
     conn.send(sock.getsockname()[1])
     buf = bytearray(65536)
@@ -102,13 +104,10 @@ class Counter:
         return result
 
 
-def _pin(cpu: int | None) -> None:
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
 
 
 def _blast(port: int, size: int, seconds: float, cpu: int | None = None) -> None:
-    _pin(cpu)
+    pin(cpu)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     data = frame(size)
     end = time.monotonic() + seconds
@@ -202,14 +201,14 @@ def measure_rx(c: Client, ram: MemfdRam, port: int, size: int, seconds: float,
 def run(size: int, seconds: float, cpus: tuple[int, int] | None) -> tuple[float, float, float]:
     """(baseline, tx, rx) frames/s with the given placement."""
     base = baseline(size, seconds, cpus)
-    _pin(cpus[0] if cpus else None)
+    pin(cpus[0] if cpus else None)
     counter = Counter(cpus[0] if cpus else None)
     tmp = tempfile.mkdtemp(prefix="xdev-bench-")
     path = os.path.join(tmp, "e1000.sock")
     proc = subprocess.Popen(
         [sys.executable, "-m", "servers.e1000.cli", "--socket", path, "--log-level", "warning",
          "--netdev", f"dgram,local=127.0.0.1:0,remote=127.0.0.1:{counter.port}"],
-        cwd=ROOT, preexec_fn=(lambda: _pin(cpus[1])) if cpus else None)
+        cwd=ROOT, preexec_fn=(lambda: pin(cpus[1])) if cpus else None)
     try:
         deadline = time.monotonic() + 20
         while not os.path.exists(path):

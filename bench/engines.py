@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from ahci import RAM, Hba, run_queue  # noqa: E402  (bench/ahci.py's driver)
+from timing import pin, timed  # noqa: E402
 
 from xdevproto.client import Client  # noqa: E402
 from xdevproto.guestmem import MemfdRam  # noqa: E402
@@ -56,8 +57,6 @@ ENGINES = {"native": "native", "lvu": "libvfio-user"}
 E1000_STATUS = 0x08
 
 
-def _pin(cpu: int | None) -> None:
-    os.sched_setaffinity(0, {cpu} if cpu is not None else set(range(os.cpu_count() or 1)))
 
 
 @contextmanager
@@ -67,7 +66,7 @@ def served(argv: list[str], engine: str, cpu: int | None) -> Iterator[str]:
     sock = tmp / "dev.sock"
     proc = subprocess.Popen([sys.executable, "-m", *argv, "--socket", str(sock),
                              "--engine", engine, "--log-level", "warning"], cwd=REPO,
-                            preexec_fn=lambda: _pin(cpu))
+                            preexec_fn=lambda: pin(cpu))
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
@@ -87,18 +86,6 @@ def served(argv: list[str], engine: str, cpu: int | None) -> Iterator[str]:
         tmp.rmdir()
 
 
-def _timed(fn: Callable[[], object], seconds: float) -> float:
-    """Calls per second of fn() over about ``seconds``."""
-    n, batch = 0, 200
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for _ in range(batch):
-            fn()
-        n += batch
-        now = time.perf_counter()
-        if now >= deadline:
-            return n / (now - start)
 
 
 class _Rig:
@@ -119,9 +106,9 @@ class _Rig:
 
     def figures(self, seconds: float) -> dict[str, float]:
         out = {
-            "region_read_rtt_per_s": _timed(
+            "region_read_rtt_per_s": timed(
                 lambda: self.testdev.region_read(PciRegion.BAR0, 4, 4), seconds),
-            "e1000_status_read_rtt_per_s": _timed(
+            "e1000_status_read_rtt_per_s": timed(
                 lambda: self.e1000.region_read(PciRegion.BAR0, E1000_STATUS, 4), seconds),
         }
 
@@ -137,7 +124,7 @@ class _Rig:
 def measure(engines: list[str], cpu: int | None, images: dict[str, Path],
             seconds: float, rounds: int) -> dict[str, float]:
     """Medians over ``rounds`` alternating rounds; ratios taken within each round."""
-    _pin(cpu)
+    pin(cpu)
     samples: dict[str, list[float]] = {}
     with ExitStack() as stack:
         rigs = {short: _Rig(stack, ENGINES[short], cpu, images[short]) for short in engines}

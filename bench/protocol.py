@@ -31,10 +31,11 @@ import statistics
 import struct
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from timing import pin, timed
 
 from xdevproto.client import Client
 from xdevproto.guestmem import MemfdRam
@@ -47,13 +48,10 @@ REQ = 32  # header + REGION_READ request
 REP = 36  # header + REGION_READ reply header + 4 bytes
 
 
-def _pin(cpu: int | None) -> None:
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
 
 
 def _raw_server(path: str, cpu: int | None, ready: mp.Event) -> None:  # type: ignore[valid-type]
-    _pin(cpu)
+    pin(cpu)
     lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     lsock.bind(path)
     lsock.listen(1)
@@ -68,7 +66,7 @@ def _raw_server(path: str, cpu: int | None, ready: mp.Event) -> None:  # type: i
 
 
 def _xdev_server(path: str, cpu: int | None, ready: mp.Event) -> None:  # type: ignore[valid-type]
-    _pin(cpu)
+    pin(cpu)
     listener = listen(path)
     ready.set()  # type: ignore[attr-defined]
     Server(TestDevice()).serve(listener, max_sessions=1)
@@ -83,18 +81,6 @@ def _spawn(target, path: str, cpu: int | None) -> mp.Process:  # type: ignore[no
     return proc
 
 
-def _timed(fn, seconds: float) -> float:  # type: ignore[no-untyped-def]
-    """Calls per second of fn() over about ``seconds``."""
-    n, batch = 0, 200
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for _ in range(batch):
-            fn()
-        n += batch
-        now = time.perf_counter()
-        if now >= deadline:
-            return n / (now - start)
 
 
 class Rig:
@@ -105,7 +91,7 @@ class Rig:
     def __init__(self, tmp: str, cpu: int | None) -> None:
         self.raw_proc = _spawn(_raw_server, os.path.join(tmp, "raw.sock"), cpu)
         self.xdev_proc = _spawn(_xdev_server, os.path.join(tmp, "dev.sock"), cpu)
-        _pin(cpu)
+        pin(cpu)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(os.path.join(tmp, "raw.sock"))
         self.ram = MemfdRam(1 << 20)
@@ -152,14 +138,14 @@ def measure(cpu: int | None, seconds: float, rounds: int) -> dict[str, float]:
         rig = Rig(tmp, cpu)
         try:
             for _ in range(rounds):
-                base = _timed(rig.raw_once, per)
-                read = _timed(rig.read_once, per)
+                base = timed(rig.raw_once, per)
+                read = timed(rig.read_once, per)
                 samples["baseline_rtt_per_s"].append(base)
                 samples["region_read_rtt_per_s"].append(read)
                 samples["ratio_read_vs_baseline"].append(read / base)
-                samples["region_write_rtt_per_s"].append(_timed(rig.write_once, per))
+                samples["region_write_rtt_per_s"].append(timed(rig.write_once, per))
                 samples["dma_read_mb_per_s"].append(
-                    _timed(rig.dma_once, per) * rig.dma_len / 1e6)
+                    timed(rig.dma_once, per) * rig.dma_len / 1e6)
         finally:
             rig.close()
     return {k: statistics.median(v) for k, v in samples.items()}
