@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from .device import Device
 from .server import Server
-from .transport import listen, listen_fds, socket_from_fd
+from .transport import listen, listen_fds, listening_path, socket_from_fd
 
 if TYPE_CHECKING:
     from .lvu.engine import LvuServer
@@ -205,10 +205,9 @@ def run_server(device: Device, listener: socket.socket, *, name: str,
 
 
 def _describe(sock: socket.socket) -> str:
+    if sock.family == socket.AF_UNIX:
+        return listening_path(sock) or f"an unnamed socket (fd {sock.fileno()})"
     try:
-        name = sock.getsockname()
+        return str(sock.getsockname())
     except OSError:
         return f"fd {sock.fileno()}"
-    if isinstance(name, bytes):
-        return name.decode(errors="replace") or "an unnamed socket"
-    return str(name) or f"fd {sock.fileno()}"

@@ -41,10 +41,9 @@ class Transport:
         self._max_recv_fds = max_recv_fds
         # One receive buffer for the connection's life: recvmsg(n) would
         # allocate (and fault in) n fresh bytes on every call.
-        self._rbuf = bytearray(RECV_SIZE)
-        self._rview = memoryview(self._rbuf)
+        self.rbuf = bytearray(RECV_SIZE)
+        self.rview = memoryview(self.rbuf)
         self._send = sock.send
-        self._recv_into = sock.recv_into
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -82,12 +81,12 @@ class Transport:
         """
         try:
             if not self.passes_fds:
-                n = self.sock.recv_into(self._rbuf)
-                return self._rview[:n], []
-            n, anc, flags, _ = self.sock.recvmsg_into([self._rbuf], self._anc)
+                n = self.sock.recv_into(self.rbuf)
+                return self.rview[:n], []
+            n, anc, flags, _ = self.sock.recvmsg_into([self.rbuf], self._anc)
         except ConnectionResetError:
-            return self._rview[:0], []
-        data = self._rview[:n]
+            return self.rview[:0], []
+        data = self.rview[:n]
         if not anc and not flags:
             return data, []
         fds = fds_from_ancillary(anc)
@@ -97,15 +96,6 @@ class Transport:
             raise PeerProtocolError("peer sent more file descriptors than we accept",
                                     errno.EINVAL, fatal=True)
         return data, fds
-
-    def recv_plain(self) -> memoryview:
-        """Receive when no fds can legitimately come (the kernel discards
-        any that do): one system call cheaper than recvmsg."""
-        try:
-            n = self._recv_into(self._rbuf)
-        except ConnectionResetError:
-            n = 0
-        return self._rview[:n]
 
     def close(self) -> None:
         try:
@@ -200,7 +190,7 @@ def listen(addr: str, *, mode: int = 0o600, backlog: int = 4) -> socket.socket:
         os.unlink(where)
     # Bind under a temporary name and rename once listening: whoever sees
     # the path can connect (no window between bind() and listen()).
-    tmp = f"{where}.{os.getpid()}.tmp"
+    tmp = f"{where}{_bind_suffix()}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o777 & ~mode)
     try:
@@ -217,6 +207,24 @@ def listen(addr: str, *, mode: int = 0o600, backlog: int = 4) -> socket.socket:
     finally:
         os.umask(old)
     return sock
+
+
+def _bind_suffix() -> str:
+    return f".{os.getpid()}.tmp"
+
+
+def listening_path(sock: socket.socket) -> str | None:
+    """The path a UNIX listener from :func:`listen` serves on (the kernel
+    still reports the temporary name it was bound to); None if unnamed."""
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return None
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    if not isinstance(name, str) or not name:
+        return None
+    return name.removesuffix(_bind_suffix())
 
 
 def listen_fds(unset_environment: bool = True) -> dict[str, socket.socket]:

@@ -29,6 +29,7 @@ from xdevproto.transport import (
     fds_from_ancillary,
     listen,
     listen_fds,
+    listening_path,
     parse_address,
 )
 from xdevproto.wire import PciRegion
@@ -245,6 +246,18 @@ def test_listen_replaces_stale_socket_not_a_file(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         listen(str(regular))
     assert regular.read_text() == "keep me"
+
+
+def test_listening_path_is_the_public_name_not_the_bind_name(tmp_path: Path) -> None:
+    path = tmp_path / "dev.sock"
+    sock = listen(str(path))
+    try:
+        # The kernel reports the temporary name listen() bound before renaming.
+        assert sock.getsockname() != str(path)
+        assert listening_path(sock) == str(path)
+    finally:
+        sock.close()
+    assert listening_path(socket.socket(socket.AF_UNIX)) is None
 
 
 # -- systemd socket activation (sd_listen_fds(3)) ------------------------------------
