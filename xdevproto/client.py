@@ -72,6 +72,9 @@ class Client:
         "xen-foreign", "domid": 5}``: the server may map guest memory itself
         instead of sending DMA_READ/DMA_WRITE (see :attr:`direct_memory`)."""
         self.transport = Transport(sock, max_recv_fds=wire.MAX_IO_FD_ENTRIES)
+        # The register-access path's own handles on the socket and buffer.
+        self._sendall, self._recv_into = sock.sendall, sock.recv_into
+        self._rbuf, self._rview = self.transport.rbuf, self.transport.rview
         fds_ok = self.transport.passes_fds
         exts = ({wire.XDEV_EXTENSION: {"guest_memory": guest_memory_offer}}
                 if guest_memory_offer else {})
@@ -306,9 +309,9 @@ class Client:
 
     # -- region access --------------------------------------------------------------
     def region_read(self, index: int, offset: int, count: int) -> bytes:
-        step = self.server_max_xfer
         if count <= 8:
             return self._access(_REGION_READ, index, offset, count)
+        step = self.server_max_xfer
         if count <= step:
             return self._access(_REGION_READ, index, offset, count)
         return b"".join(self._access(_REGION_READ, index, offset + pos, min(step, count - pos))
@@ -326,17 +329,23 @@ class Client:
     def _access(self, command: int, index: int, offset: int, count: int,
                 data: bytes = b"") -> bytes:
         """One REGION_READ/WRITE round trip; the hot path of every guest
-        register access (see Connection.fast_reply)."""
-        conn, tr = self.conn, self.transport
+        register access (see Connection.fast_reply), so it uses the socket
+        directly: one send, one receive into the transport's buffer."""
+        conn = self.conn
         with self._lock:
             msg_id, out = conn.region_request(command, offset, index, count, data)
-            tr.send(out)
-            # Only DMA commands and this reply can arrive now; neither has fds.
-            chunk = tr.recv_plain()
+            try:
+                self._sendall(out)
+                # Only DMA commands and this reply can arrive now; neither
+                # has fds, so plain recv (the kernel drops any fds) will do.
+                n = self._recv_into(self._rbuf)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ConnectionClosed(f"server went away: {exc}") from None
+            chunk = self._rview[:n]
             fast = conn.fast_reply(chunk, msg_id)
             if fast is None:
                 conn.receive_data(chunk)
-                if not chunk:
+                if not n:
                     raise ConnectionClosed("server closed the connection")
                 reply = self._await(msg_id)
                 if reply.error:

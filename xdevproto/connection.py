@@ -87,11 +87,17 @@ class Role(enum.Enum):
     SERVER = "server"
 
 
+_CLIENT, _SERVER = Role.CLIENT, Role.SERVER
+
+
 class State(enum.Enum):
     NEW = "new"
     NEGOTIATING = "negotiating"
     READY = "ready"
     CLOSED = "closed"
+
+
+_READY = State.READY
 
 
 #: (role, state, what happened) -> next state
@@ -349,7 +355,7 @@ class Connection:
         if it is exactly one valid REGION_READ/REGION_WRITE; else None and
         nothing is consumed."""
         n = len(chunk)
-        if n < 32 or self._buf or self.state is not State.READY or self.role is not Role.SERVER:
+        if n < 32 or self._buf or self.state is not _READY or self.role is not _SERVER:
             return None
         msg_id, command, size, flags, error, offset, region, count = _unpack_hra(chunk, 0)
         if size != n or flags or error or count > self.max_xfer:
@@ -372,7 +378,7 @@ class Connection:
     def region_request(self, command: int, offset: int, region: int, count: int,
                        data: bytes = b"") -> tuple[int, bytes]:
         """Client: a REGION_READ/REGION_WRITE command in one pack."""
-        if self.state is not State.READY or self.role is not Role.CLIENT:
+        if self.state is not _READY or self.role is not _CLIENT:
             raise LocalProtocolError("region access before negotiation or from a server")
         msg_id = (self._next_id + 1) & 0xFFFF
         if msg_id in self._pending:

@@ -95,6 +95,7 @@ class Session(DeviceContext):
         self.device = server.device
         self.conn = Connection(Role.SERVER, server.capabilities)
         self.transport = Transport(sock, max_recv_fds=server.capabilities.max_msg_fds)
+        self._sendall = sock.sendall
         self.lock = threading.Lock()  # the connection's state and the main socket's sends
         self.loop_thread = threading.get_ident()
         self.waiters: dict[int, _Waiter] = {}
@@ -285,7 +286,7 @@ class Session(DeviceContext):
                 dispatch(ev)
         except PeerProtocolError as exc:
             log.warning("dropping client: %s", exc)
-        except ConnectionClosed:
+        except (ConnectionClosed, BrokenPipeError, ConnectionResetError):
             pass
         except OSError as exc:
             log.warning("client connection failed: %s", exc)
@@ -344,7 +345,10 @@ class Session(DeviceContext):
 
     def _serve_access(self, msg_id: int, command: int, offset: int, region: int, count: int,
                       data: bytes) -> None:
-        """The register-access shortcut (see Connection.fast_request)."""
+        """The register-access shortcut (see Connection.fast_request): the
+        hot path of every guest register access, so the reply goes straight to
+        the socket rather than through Transport.send (a peer gone mid-send
+        surfaces as the OSError the loop expects)."""
         try:
             out = self.conn.region_reply(msg_id, command, offset, region, count,
                                          self.access_region(command, offset, region, count,
@@ -357,10 +361,10 @@ class Session(DeviceContext):
         if self._twin is not None:
             # Workers send only on the twin socket: this thread is the main
             # socket's one sender.
-            self.transport.send(out)
+            self._sendall(out)
             return
         with self.lock:
-            self.transport.send(out)
+            self._sendall(out)
 
     def _send(self, data: bytes, fds: Iterable[int] = ()) -> None:
         with self.lock:

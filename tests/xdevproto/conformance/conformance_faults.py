@@ -51,14 +51,15 @@ class FaultySession(Session):
         if self.fault.leak_state:
             self.dma = server.shared_dma
         if self.fault.mangle is not None:
-            # Every reply leaves through the transport (the register-access
-            # shortcut too), so that is where replies are mangled.
+            # Replies leave through the transport, register-access replies
+            # through the session's own sendall: both are mangled.
             send, mangle = self.transport.send, self.fault.mangle
 
             def mangled(data: bytes, fds: Sequence[int] = ()) -> None:
                 for d, f in mangle(bytes(data), list(fds)):
                     send(d, f)
             self.transport.send = mangled  # type: ignore[method-assign]
+            self._sendall = mangled
 
     def _dispatch(self, ev: object) -> None:
         f = self.fault
