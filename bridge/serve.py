@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xdevproto.daemon import ENGINES
+
 IMAGE_DIR = Path("/var/lib/xdev/images")
 CONF_DIR = Path("/etc/xdev")
 TAP_USER = "xdev-net"
@@ -53,6 +55,7 @@ class Plan:
     name: str
     instance: str = "demo"
     launcher: str = "process"
+    engine: str = "native"
     disk: str | None = None
     cdrom: str | None = None
     ahci_bdf: str = "00:05.0"
@@ -84,7 +87,7 @@ def load_plan(path: Path) -> Plan:
     known = {"guest": {"xl_config", "name", "serial", "marker", "timeout_s"},
              "disk": {"image", "cdrom", "bdf"},
              "nic": {"tap", "mac", "host_address", "bdf"},
-             "run": {"instance", "launcher", "log_dir", "python"}}
+             "run": {"instance", "launcher", "engine", "log_dir", "python"}}
     for section, values in data.items():
         if section not in known or not isinstance(values, dict):
             raise ServeError(f"{path}: unknown section [{section}]")
@@ -105,11 +108,14 @@ def load_plan(path: Path) -> Plan:
         tap=nic.get("tap"), mac=nic.get("mac", "52:54:00:12:34:56"),
         host_address=nic.get("host_address"), e1000_bdf=nic.get("bdf", "00:06.0"),
         instance=run.get("instance", "demo"), launcher=run.get("launcher", "process"),
+        engine=run.get("engine", "native"),
         log_dir=Path(run.get("log_dir", "/run/xdev/logs")),
         python=run.get("python", sys.executable),
     )
     if plan.launcher not in ("process", "systemd"):
         raise ServeError(f"{path}: launcher must be \"process\" or \"systemd\"")
+    if plan.engine not in ENGINES:
+        raise ServeError(f"{path}: engine must be one of {', '.join(ENGINES)}")
     if plan.disk is None and plan.tap is None:
         raise ServeError(f"{path}: nothing to serve (no [disk] image and no [nic] tap)")
     if plan.launcher == "systemd" and plan.disk and Path(plan.disk).parent != IMAGE_DIR:
@@ -159,12 +165,13 @@ class Report:
 
 def server_argv(plan: Plan, kind: str) -> list[str]:
     """Options for one device server (also the body of its /etc/xdev config)."""
+    engine = [] if plan.engine == "native" else ["--engine", plan.engine]
     if kind == "ahci":
         argv = [] if plan.disk is None else ["--disk", f"file={plan.disk}"]
         if plan.cdrom:
             argv += ["--cdrom", f"file={plan.cdrom}"]
-        return argv
-    return ["--mac", plan.mac, "--netdev", f"tap,ifname={plan.tap}"]
+        return argv + engine
+    return ["--mac", plan.mac, "--netdev", f"tap,ifname={plan.tap}", *engine]
 
 
 def kinds(plan: Plan) -> list[tuple[str, str]]:
@@ -336,6 +343,16 @@ def setup_tap(plan: Plan, systemd: bool) -> bool:
     return True
 
 
+def tap_counters(ifname: str) -> str:
+    """dom0's packet counters of the tap (its rx is what the guest sent)."""
+    stats = Path(f"/sys/class/net/{ifname}/statistics")
+    try:
+        return ", ".join(f"{name} {(stats / name).read_text().strip()}" for name in (
+            "rx_packets", "tx_packets", "rx_dropped", "tx_dropped"))
+    except OSError as exc:
+        return f"no counters ({exc.strerror})"
+
+
 def domain_exists(name: str) -> bool:
     return sh("xl", "domid", name, check=False, timeout=60).returncode == 0
 
@@ -384,6 +401,8 @@ def serve(plan: Plan, report: Report) -> str:
         if created and domain_exists(plan.name):
             sh("xl", "destroy", plan.name, check=False)
         launcher.stop()
+        if plan.tap:
+            report.step(f"tap {plan.tap}: {tap_counters(plan.tap)}")
         if tap_created and plan.tap:
             sh("ip", "link", "del", plan.tap, check=False)
         report.step("torn down")

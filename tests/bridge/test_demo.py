@@ -35,6 +35,21 @@ host_address = "169.254.1.1/24"
     assert serve.server_argv(plan, "e1000")[-1] == "tap,ifname=t0"
 
 
+def test_engine_reaches_both_servers(tmp_path: Path) -> None:
+    plan = serve.load_plan(_write(tmp_path, """
+[guest]
+xl_config = "CFG"
+[disk]
+image = "/srv/a.img"
+[nic]
+tap = "t0"
+[run]
+engine = "libvfio-user"
+"""))
+    for kind in ("ahci", "e1000"):
+        assert serve.server_argv(plan, kind)[-2:] == ["--engine", "libvfio-user"]
+
+
 @pytest.mark.parametrize("text, message", [
     ('[guest]\nxl_config = "CFG"\n[disk]\nimage = "/a"\nimgae = "/b"\n', "unknown key"),
     ('[guest]\nxl_config = "CFG"\n[disks]\nimage = "/a"\n', "unknown section"),
@@ -44,6 +59,8 @@ host_address = "169.254.1.1/24"
      "/var/lib/xdev/images"),
     ('[guest]\nxl_config = "CFG"\n[disk]\nimage = "/a"\n[run]\nlauncher = "docker"\n',
      "launcher"),
+    ('[guest]\nxl_config = "CFG"\n[disk]\nimage = "/a"\n[run]\nengine = "spdk"\n',
+     "engine must be"),
     ("[guest\n", "cannot read"),
 ])
 def test_bad_configs_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
