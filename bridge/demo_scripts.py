@@ -153,6 +153,10 @@ if [ -n "$eth" ]; then
         sleep 1; i=$((i+1)); done
     say link "$eth carrier=$(cat /sys/class/net/$eth/carrier) $(cat /sys/class/net/$eth/address)"
     say ping "$(ping -c 3 -W 5 {DOM0_IP} 2>&1 | grep -E 'transmitted|round-trip' | tr '\n' ' ')"
+    st=/sys/class/net/$eth/statistics
+    say eth-stats "tx $(cat $st/tx_packets) rx $(cat $st/rx_packets) rx_missed \
+$(cat $st/rx_missed_errors) irqs $(grep -m1 "$eth" /proc/interrupts | tr -s ' ' | cut -d' ' -f2-4)"
+    say arp "$(tail -n +2 /proc/net/arp | tr -s ' ' | tr '\n' ';')"
     dd if=/dev/urandom of=/tmp/up.bin bs=64k count=16 2>/dev/null
     say up-sha "$(sha256sum < /tmp/up.bin | cut -d' ' -f1)"
     t=$(cut -d' ' -f1 /proc/uptime)

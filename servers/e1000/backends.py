@@ -126,6 +126,8 @@ class Backend:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2.0)
         self._close()
+        log.info("%s: %d frames sent, %d received, %d dropped on send", self.name,
+                 self.tx_frames, self.rx_frames, self.tx_dropped)
         if self.pcap is not None:
             self.pcap.close()
 
