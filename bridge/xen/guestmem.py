@@ -14,6 +14,12 @@ bounds-checked against ``limit`` (the guest-physical address width) and
 ``MAX_ACCESS``; no view of a mapping ever leaves this module, so an
 evicted mapping cannot be used after unmap.
 
+One instance serves several threads (the ioreq loop's strings, and each
+device's DMA service thread), so every access holds the instance's lock from
+finding its buckets to the end of its copy: otherwise another thread could
+evict a bucket between the two, and the copy would go to whatever the
+kernel mapped at that address next (another part of the guest).
+
 Used for rep/``data_is_ptr`` strings of ioreqs and to serve vfio-user
 DMA_READ/DMA_WRITE for device servers (the bridge core converts
 :class:`GuestMemoryError` into the reply's errno, EFAULT).
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 from dataclasses import dataclass, field
 
 from bridge.xen.abi import PAGE_SHIFT, PAGE_SIZE
@@ -65,6 +72,7 @@ class GuestMemory:
         # bucket it uses is evicted (and unmapped) before the copy.
         self._max_access = min(MAX_ACCESS, (max_buckets - 1) * BUCKET_SIZE)
         self._buckets: collections.OrderedDict[int, _Bucket] = collections.OrderedDict()
+        self._lock = threading.Lock()
         self.maps = 0  # buckets mapped so far (tests and statistics)
 
     def _check(self, gpa: int, length: int) -> None:
@@ -127,8 +135,9 @@ class GuestMemory:
         """Fill ``buf`` from guest-physical ``gpa``; all or nothing is validated first."""
         out = memoryview(buf).cast("B")
         self._check(gpa, len(out))
-        for bucket, offset, at, n in self._chunks(gpa, len(out)):
-            out[at:at + n] = bucket.mapping.view[offset:offset + n]
+        with self._lock:
+            for bucket, offset, at, n in self._chunks(gpa, len(out)):
+                out[at:at + n] = bucket.mapping.view[offset:offset + n]
 
     def read(self, gpa: int, length: int) -> bytes:
         self._check(gpa, length)
@@ -140,13 +149,15 @@ class GuestMemory:
         """Copy ``data`` to guest-physical ``gpa``; every page is checked before any write."""
         src = memoryview(data).cast("B")
         self._check(gpa, len(src))
-        for bucket, offset, at, n in self._chunks(gpa, len(src)):
-            bucket.mapping.view[offset:offset + n] = src[at:at + n]
+        with self._lock:
+            for bucket, offset, at, n in self._chunks(gpa, len(src)):
+                bucket.mapping.view[offset:offset + n] = src[at:at + n]
 
     def invalidate(self) -> None:
         """Drop every mapping (IOREQ_TYPE_INVALIDATE)."""
-        for index in list(self._buckets):
-            self._drop(index)
+        with self._lock:
+            for index in list(self._buckets):
+                self._drop(index)
 
     @property
     def mapped_buckets(self) -> int:

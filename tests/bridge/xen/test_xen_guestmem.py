@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -100,3 +103,43 @@ def test_one_access_never_spans_more_buckets_than_the_cache(xen: FakeXen) -> Non
     assert len(mem.read(100, BUCKET_SIZE)) == BUCKET_SIZE
     with pytest.raises(ValueError):
         GuestMemory(xen, xen.domid, max_buckets=1)
+
+
+class SlowMapXen(FakeXen):
+    """Mapping takes a while (as a real hypercall does), so other threads run meanwhile."""
+
+    def map_foreign(self, domid: int, gfns: list[int]):  # type: ignore[no-untyped-def]
+        time.sleep(0.0005)
+        return super().map_foreign(domid, gfns)
+
+
+def test_threads_sharing_the_cache_never_copy_through_an_evicted_mapping() -> None:
+    # The bridge's ioreq thread and each device's DMA thread share one
+    # GuestMemory. Every access spans two buckets of a cache that holds three,
+    # so without the lock another thread evicts a bucket between the lookup
+    # and the copy (with real mappings the copy would land in whatever is
+    # mapped there next).
+    xen = SlowMapXen(ram_pages=16 * 256)
+    mem = GuestMemory(xen, xen.domid, max_buckets=3)
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rnd = random.Random(seed)
+        try:
+            for _ in range(150):
+                gpa = rnd.randrange(seed + 1, 16, 3) * MiB - 2048
+                data = rnd.randbytes(4096)
+                mem.write(gpa, data)
+                assert mem.read(gpa, 4096) == data
+        except BaseException as exc:  # reported below, in the test thread
+            errors.append(exc)
+
+    # Thread i uses every third MiB boundary from i + 1: what it reads back is its own.
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    xen.close()
+    assert not errors, errors[:3]
+    assert mem.mapped_buckets <= 3
