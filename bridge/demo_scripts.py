@@ -224,8 +224,15 @@ tap = "{TAP}"
 host_address = "{DOM0_IP}/24"
 [run]
 launcher = "$XDEV_LAUNCHER"
+engine = "${{XDEV_ENGINE:-native}}"
 log_dir = "$R/logs"
 EOF
+if [ -n "$XDEV_LVU_STAGE" ]; then
+    # libvfio-user copied from the host (tests/e2e/xen/lvu_stage.py): off the
+    # 9p share onto local disk, and found by the servers started from here.
+    rm -rf /tmp/lvu-lib && cp -r "$XDEV_LVU_STAGE" /tmp/lvu-lib
+    export LD_LIBRARY_PATH=/tmp/lvu-lib XDEV_LVU_LIBRARY=/tmp/lvu-lib/libvfio-user.so.0
+fi
 : > "$R/guests/$XDEV_GUEST.serial"
 python3 -m bridge.serve --config "$R/demo.toml" --report "$R/serve.json" > "$R/serve.log" 2>&1
 res "serve-status $?"

@@ -192,7 +192,7 @@ def run_server(device: Device, listener: socket.socket, *, name: str,
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         notify("READY=1")
-        log.info("%s serving on %s", name, _describe(listener))
+        log.info("%s serving on %s (engine %s)", name, _describe(listener), engine)
         server.serve(listener)
     finally:
         notify("STOPPING=1")

@@ -76,6 +76,22 @@ def load() -> Any:
         return _lib
 
 
+def library_path() -> str | None:
+    """The file of the libvfio-user this process loaded (from
+    /proc/self/maps), or None when it cannot be loaded."""
+    if unavailable_reason() is not None:
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split(maxsplit=5)[5:]
+                if path and os.path.basename(path[0].strip()).startswith("libvfio-user.so"):
+                    return path[0].strip()
+    except OSError:
+        pass
+    return None
+
+
 def unavailable_reason() -> str | None:
     """None when :func:`load` succeeds, else why not (for pytest skips)."""
     try:

@@ -21,19 +21,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from bridge.emuhost import HostSession, HvmGuest
-from xdevproto.lvu.loader import unavailable_reason
+from tests.e2e.xen.lvu_stage import require_libvfio_user, shared_libraries
 
 pytestmark = pytest.mark.xen
 
 SAMPLE = "gpio-pci-idio-16"
-#: dom0 has its own C library; copying the host's would mix two glibcs.
-GLIBC = ("libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so", "ld-linux")
 DEV = "/sys/bus/pci/devices/0000:00:05.0"
 
 GUEST_INIT = f"""
@@ -134,26 +131,12 @@ def samples_dir() -> Path | None:
     return None
 
 
-def shared_libraries(binary: Path) -> list[Path]:
-    """The libraries ``binary`` loads on this host, the C library's own excepted."""
-    done = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True)
-    libs = []
-    for name, path in re.findall(r"^\s*(\S+) => (/\S+)", done.stdout, re.M):
-        if not name.startswith(GLIBC):
-            libs.append(Path(path))
-    return libs
-
-
 def stage_sample(scratch: Path) -> Path:
     """Copy the sample and its libraries into the scratch share (never the repo)."""
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"libvfio-user: {reason}")
+    require_libvfio_user()
     where = samples_dir()
     if where is None:
         pytest.skip(f"libvfio-user sample {SAMPLE} not installed (set XDEV_LVU_SAMPLES)")
-    if shutil.which("ldd") is None:
-        pytest.skip("ldd not found: cannot tell which libraries the sample needs")
     stage = scratch / "lvu-gpio"
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "lib").mkdir(parents=True)

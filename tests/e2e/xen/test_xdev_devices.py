@@ -11,6 +11,7 @@ each way over TCP. dom0 then checks the image.
 
 * with MSI, the daemons started by the systemd units (issue 7);
 * with ``pci=nomsi`` (INTx), the daemons as plain processes;
+* with both servers on the libvfio-user engine (where the host has it);
 * SeaBIOS boots from a boot sector on the xdev disk (no kernel given).
 
 Seen so far (beside a second emulated host, so everything ran 5-10x slow):
@@ -25,21 +26,25 @@ bridge's fix for lowering INTA# of a dead server addresses.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bridge import demo_scripts as ds
 from bridge.demo import demo_guest
 from bridge.emuhost import HostSession, HvmGuest, RunResult
+from tests.e2e.xen.lvu_stage import stage_library
 
 pytestmark = pytest.mark.xen
 
 
-def _run(session: HostSession, launcher: str, nomsi: bool) -> RunResult:
+def _run(session: HostSession, launcher: str, nomsi: bool,
+         env: dict[str, str] | None = None) -> RunResult:
     guest = demo_guest(nomsi=nomsi)
     assert isinstance(guest, HvmGuest)
     return session.run(ds.DOM0_SCRIPT, guests=[guest], timeout=2000,
                        env={"XDEV_LAUNCHER": launcher, "XDEV_GUEST": guest.name,
-                            "XDEV_GUEST_TIMEOUT": "1600"})
+                            "XDEV_GUEST_TIMEOUT": "1600", **(env or {})})
 
 
 def _check(result: RunResult, irq: str) -> None:
@@ -84,6 +89,18 @@ def test_ahci_and_e1000_with_msi_started_by_systemd_units(emuhost_session: HostS
 
 def test_ahci_and_e1000_with_intx(emuhost_session: HostSession) -> None:
     _check(_run(emuhost_session, "process", nomsi=True), "intx")
+
+
+def test_ahci_and_e1000_on_the_libvfio_user_engine(emuhost_session: HostSession,
+                                                   emuhost_scratch: Path) -> None:
+    """Issue 9: the same guest checks with both servers on ``--engine
+    libvfio-user`` (the host's libvfio-user, copied into dom0)."""
+    stage_library(emuhost_scratch)
+    result = _run(emuhost_session, "process", nomsi=False,
+                  env={"XDEV_ENGINE": "libvfio-user", "XDEV_LVU_STAGE": "/xdev/scratch/lvu-lib"})
+    _check(result, "msi")
+    logs = result.file("logs/ahci.log") + result.file("logs/e1000.log")
+    assert logs.count("engine libvfio-user") == 2, logs[-3000:]
 
 
 BOOT_SCRIPT = rf"""
