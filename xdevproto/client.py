@@ -329,8 +329,8 @@ class Client:
     def _access(self, command: int, index: int, offset: int, count: int,
                 data: bytes = b"") -> bytes:
         """One REGION_READ/WRITE round trip; the hot path of every guest
-        register access (see Connection.fast_reply), so it uses the socket
-        directly: one send, one receive into the transport's buffer."""
+        register access (see Connection.region_reply_data), so it uses the
+        socket directly: one send, one receive into the transport's buffer."""
         conn = self.conn
         with self._lock:
             msg_id, out = conn.region_request(command, offset, index, count, data)
@@ -341,23 +341,22 @@ class Client:
                 n = self._recv_into(self._rbuf)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise ConnectionClosed(f"server went away: {exc}") from None
-            chunk = self._rview[:n]
-            fast = conn.fast_reply(chunk, msg_id)
-            if fast is None:
-                conn.receive_data(chunk)
-                if not n:
-                    raise ConnectionClosed("server closed the connection")
-                reply = self._await(msg_id)
-                if reply.error:
-                    raise RemoteError(reply.command, reply.error)
-                p = reply.payload
-                assert isinstance(p, wire.RegionAccess)
-                fast = (msg_id, command, p.offset, p.region, p.count, p.data)
-        _, _, r_offset, r_region, r_count, body = fast
+            body = conn.region_reply_data(self._rview[:n], msg_id, command, offset, index, count)
+            if body is not None:
+                return body
+            conn.expect_reply(msg_id, command)
+            conn.receive_data(self._rview[:n])
+            if not n:
+                raise ConnectionClosed("server closed the connection")
+            reply = self._await(msg_id)
+        if reply.error:
+            raise RemoteError(reply.command, reply.error)
+        p = reply.payload
+        assert isinstance(p, wire.RegionAccess)
         want = count if command == _REGION_READ else 0
-        if r_offset != offset or r_region != index or r_count != count or len(body) != want:
+        if p.offset != offset or p.region != index or p.count != count or len(p.data) != want:
             raise PeerProtocolError("region access reply does not match the request")
-        return body
+        return p.data
 
     def region_write_multi(self, writes: Sequence[tuple[int, int, bytes]]) -> int:
         """Batch small writes (index, offset, data of at most 8 bytes)."""

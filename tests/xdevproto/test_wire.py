@@ -625,8 +625,8 @@ def test_fast_view_refuses_variable_fields() -> None:
 
 
 def test_fast_region_paths_equal_general_paths() -> None:
-    """Connection.region_request/region_reply/fast_request/fast_reply agree
-    with the general encoder and the event path."""
+    """Connection.region_request/region_reply/fast_request/region_reply_data
+    agree with the general encoder and the event path."""
     client, server = negotiated_pair()
     msg_id, fast = client.region_request(Command.REGION_WRITE, 0x20, 2, 4, b"abcd")
     assert fast == wire.encode_message(msg_id, Command.REGION_WRITE, 0,
@@ -639,10 +639,23 @@ def test_fast_region_paths_equal_general_paths() -> None:
     rep = server.region_reply(msg_id, Command.REGION_READ, 0x20, 2, 4, b"wxyz")
     assert rep == wire.encode_message(msg_id, Command.REGION_READ, wire.HeaderFlags.REPLY,
                                       RegionAccess(0x20, 2, 4, b"wxyz").encode())
-    # fast_reply accepts only the reply to the command we sent
-    assert client.fast_reply(rep, msg_id) is None
+    # region_reply_data takes only the reply to the command we sent...
+    assert client.region_reply_data(rep, msg_id, Command.REGION_WRITE, 0x20, 2, 4) is None
     ok = server.region_reply(msg_id, Command.REGION_WRITE, 0x20, 2, 4)
-    assert client.fast_reply(ok, msg_id) == (msg_id, 10, 0x20, 2, 4, b"")
+    assert client.region_reply_data(ok, msg_id + 1, Command.REGION_WRITE, 0x20, 2, 4) is None
+    assert client.region_reply_data(ok, msg_id, Command.REGION_WRITE, 0x20, 2, 4) == b""
+    # ...and refuses that reply when its access is not the one requested.
+    with pytest.raises(PeerProtocolError, match="does not match"):
+        client.region_reply_data(ok, msg_id, Command.REGION_WRITE, 0x24, 2, 4)
+    # A read's data comes back; the general path sees the reply once expected.
+    msg_id, _ = client.region_request(Command.REGION_READ, 0x20, 2, 4)
+    rep = server.region_reply(msg_id, Command.REGION_READ, 0x20, 2, 4, b"wxyz")
+    assert client.region_reply_data(rep, msg_id, Command.REGION_READ, 0x20, 2, 4) == b"wxyz"
+    msg_id, _ = client.region_request(Command.REGION_READ, 0x20, 2, 4)
+    client.expect_reply(msg_id, Command.REGION_READ)
+    client.receive_data(server.region_reply(msg_id, Command.REGION_READ, 0x20, 2, 4, b"abcd"))
+    ev = client.next_event()
+    assert isinstance(ev, Reply) and ev.payload == RegionAccess(0x20, 2, 4, b"abcd")
 
 
 def test_fast_request_declines_what_needs_checks() -> None:
