@@ -63,6 +63,7 @@ ICR_CAUSES = 0x0001F6DF
 RCTL_EN, RCTL_SBP, RCTL_LPE = 1 << 1, 1 << 2, 1 << 5
 RCTL_LBM_MAC = 3 << 6
 RCTL_BSEX = 1 << 25
+RCTL_SECRC = 1 << 26  # strip the Ethernet CRC (else it is stored and counted in the length)
 # TCTL (13.4.33)
 TCTL_EN, TCTL_PSP = 1 << 1, 1 << 3
 # RAH (13.4.63)

@@ -1,7 +1,8 @@
 """The receive engine (8254x SDM 3.2 "Packet Reception").
 
 A frame from the wire is filtered (addresses, VLAN), its tag stripped when
-CTRL.VME is set, checked for size (RCTL.LPE/SBP), then spread over as many
+CTRL.VME is set, checked for size (RCTL.LPE/SBP), given its CRC unless
+RCTL.SECRC asks to strip it, then spread over as many
 legacy descriptors as RCTL.BSIZE/BSEX buffers it needs, with status and
 checksum written back and RXT0 raised through the delay timers.
 
@@ -97,7 +98,11 @@ class Receiver:
         frame = bytes(packet.pad(frame))
         csum_status, errors, pkt_sum = packet.rx_checksum(frame, regs[R.RXCSUM])
         status |= csum_status
-        if not self._store(frame, status, errors, pkt_sum, special):
+        # Without RCTL.SECRC the CRC is stored after the frame and counted in
+        # its length (SDM 13.4.22); Linux's e1000 driver, which leaves SECRC
+        # clear, takes 4 bytes off every length it reads back.
+        stored = frame if rctl & R.RCTL_SECRC else frame + packet.fcs(frame)
+        if not self._store(stored, status, errors, pkt_sum, special):
             nic.count("MPC")
             nic.count("RNBC")
             nic.raise_cause(R.ICR_RXO)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 
 from servers.e1000 import regs as R
 from servers.e1000.backends import Backend
@@ -144,8 +145,17 @@ class Driver:
         return struct.unpack("<QHHBBH", self.ram.read(RX_RING + 16 * i, 16))
 
     def rx_frame(self, i: int) -> bytes:
+        """The frame in RX descriptor i. Without RCTL.SECRC the NIC stores the
+        CRC after it: checked here and removed, as Linux's e1000 removes it."""
         addr, length, *_ = self.rx_desc(i)
-        return self.ram.read(addr, length)
+        return self.strip_fcs(self.ram.read(addr, length))
+
+    def strip_fcs(self, data: bytes) -> bytes:
+        if self.rd(R.RCTL) & R.RCTL_SECRC:
+            return data
+        assert len(data) >= 4 and data[-4:] == struct.pack("<I", zlib.crc32(data[:-4])), \
+            "received frame lacks its CRC"
+        return data[:-4]
 
 
 # -- independent packet helpers ---------------------------------------------------------

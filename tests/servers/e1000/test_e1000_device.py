@@ -4,6 +4,7 @@ EEPROM, PHY, interrupts, TX, RX, reset."""
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Iterator
 
 import pytest
@@ -440,13 +441,32 @@ def test_rx_buffer_sizes_and_long_packets(drv: Driver) -> None:
     assert drv.rd(R.RDH) == 5
     parts = [drv.rx_desc(i) for i in range(5)]
     assert [p[3] & 2 for p in parts] == [0, 0, 0, 0, 2]
-    assert b"".join(drv.rx_frame(i) for i in range(5)) == big
+    # 1054 bytes and the CRC: four full buffers and 34 bytes in the fifth.
+    assert [p[1] for p in parts] == [256] * 4 + [1054 + 4 - 1024]
+    assert drv.strip_fcs(b"".join(drv.ram.read(p[0], p[1]) for p in parts)) == big
     huge = tcp_frame(b"H" * 2000, dst=MAC)
     assert not b.inject(huge), "over 1522 without LPE/SBP"
     assert drv.rd(0x40AC) == 1  # ROC
     drv.wr(R.RCTL, R.RCTL_EN | R.RCTL_LPE | R.RCTL_BSEX | (3 << 16))  # 4096
     assert b.inject(huge)
     assert drv.rx_frame(5) == huge
+
+
+def test_rx_crc_is_stored_unless_secrc(drv: Driver) -> None:
+    # Linux's e1000 leaves RCTL.SECRC clear and takes 4 bytes off every
+    # length: without the CRC in memory, every frame would lose its tail.
+    frame = tcp_frame(b"crc" * 10, dst=MAC)  # past the 60-byte minimum: no padding
+    drv.setup_rx()
+    assert backend(drv).inject(frame)
+    addr, length, *_ = drv.rx_desc(0)
+    data = drv.ram.read(addr, length)
+    assert length == len(frame) + 4
+    assert data == frame + zlib.crc32(frame).to_bytes(4, "little")
+    drv.wr(R.RCTL, drv.rd(R.RCTL) | R.RCTL_SECRC)
+    assert backend(drv).inject(frame)
+    assert drv.rx_desc(1)[1] == len(frame)
+    assert drv.rx_frame(1) == frame
+    assert drv.rd(0x4088) == 2 * (len(frame) + 4)  # GORCL counts the CRC either way
 
 
 def test_rx_full_ring_drops_and_counts(drv: Driver) -> None:

@@ -104,7 +104,7 @@ def test_daemon_tx_rx_over_dgram_wire(tmp_path: Path) -> None:
             wr(c, R.RDBAL, 0x2000)
             wr(c, R.RDLEN, 128)
             wr(c, R.RDT, 7)
-            wr(c, R.RCTL, R.RCTL_EN)
+            wr(c, R.RCTL, R.RCTL_EN | R.RCTL_SECRC)  # CRC stripped: the length is the frame's
             incoming = tcp_frame(b"hello nic", dst=MAC, src=PEER)
             wire_peer.sendto(incoming, server_addr)
             deadline = time.monotonic() + 10
