@@ -44,6 +44,8 @@ class Transport:
         self.rbuf = bytearray(RECV_SIZE)
         self.rview = memoryview(self.rbuf)
         self._send = sock.send
+        self._recvmsg_into = sock.recvmsg_into if self.passes_fds else None
+        self._rbufs = [self.rbuf]
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -80,10 +82,10 @@ class Transport:
         next recv().
         """
         try:
-            if not self.passes_fds:
+            if self._recvmsg_into is None:
                 n = self.sock.recv_into(self.rbuf)
                 return self.rview[:n], []
-            n, anc, flags, _ = self.sock.recvmsg_into([self.rbuf], self._anc)
+            n, anc, flags, _ = self._recvmsg_into(self._rbufs, self._anc)
         except ConnectionResetError:
             return self.rview[:0], []
         data = self.rview[:n]
