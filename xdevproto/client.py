@@ -332,8 +332,9 @@ class Client:
         register access (see Connection.region_reply_data), so it uses the
         socket directly: one send, one receive into the transport's buffer."""
         conn = self.conn
+        want = count if command == _REGION_READ else 0
         with self._lock:
-            msg_id, out = conn.region_request(command, offset, index, count, data)
+            msg_id, out, expect = conn.region_request(command, offset, index, count, data)
             try:
                 self._sendall(out)
                 # Only DMA commands and this reply can arrive now; neither
@@ -341,7 +342,7 @@ class Client:
                 n = self._recv_into(self._rbuf)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise ConnectionClosed(f"server went away: {exc}") from None
-            body = conn.region_reply_data(self._rview[:n], msg_id, command, offset, index, count)
+            body = conn.region_reply_data(self._rbuf, n, expect, 32 + want)
             if body is not None:
                 return body
             conn.expect_reply(msg_id, command)
@@ -353,7 +354,6 @@ class Client:
             raise RemoteError(reply.command, reply.error)
         p = reply.payload
         assert isinstance(p, wire.RegionAccess)
-        want = count if command == _REGION_READ else 0
         if p.offset != offset or p.region != index or p.count != count or len(p.data) != want:
             raise PeerProtocolError("region access reply does not match the request")
         return p.data

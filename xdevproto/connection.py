@@ -376,9 +376,10 @@ class Connection:
                          count) + data
 
     def region_request(self, command: int, offset: int, region: int, count: int,
-                       data: bytes = b"") -> tuple[int, bytes]:
-        """Client: a REGION_READ/REGION_WRITE command in one pack. It is not
-        yet pending: :meth:`region_reply_data` takes the reply it expects
+                       data: bytes = b"") -> tuple[int, bytes, bytes]:
+        """Client: (msg_id, a REGION_READ/REGION_WRITE command in one pack,
+        the header its successful reply starts with). The command is not yet
+        pending: :meth:`region_reply_data` takes the reply it expects
         directly, and anything else is fed to :meth:`receive_data` after
         :meth:`expect_reply`."""
         if self.state is not _READY or self.role is not _CLIENT:
@@ -387,32 +388,26 @@ class Connection:
         if msg_id in self._pending:
             msg_id = self._alloc_id()
         self._next_id = msg_id
-        return msg_id, _pack_hra(msg_id, command, 32 + len(data), 0, 0, offset, region,
-                                 count) + data
+        return (msg_id,
+                _pack_hra(msg_id, command, 32 + len(data), 0, 0, offset, region, count) + data,
+                _pack_hra(msg_id, command, 32 + count if command == _REGION_READ else 32,
+                          _REPLY, 0, offset, region, count))
 
     def expect_reply(self, msg_id: int, command: int) -> None:
         """Client: ``msg_id`` (from :meth:`region_request`) awaits its reply
         through the general path."""
         self._pending[msg_id] = _COMMANDS[command]
 
-    def region_reply_data(self, chunk: bytes | memoryview, msg_id: int, command: int,
-                          offset: int, region: int, count: int) -> bytes | None:
-        """Client: the data of ``chunk`` if it is exactly the successful reply
-        to region request ``msg_id``; None, with nothing consumed, if it is
-        anything else (another message, an error reply, a partial read).
-        Raises :class:`PeerProtocolError` for the reply whose access does not
-        match the request."""
-        n = len(chunk)
-        if n < 32 or self._buf:
-            return None
-        r_id, r_command, size, flags, _error, r_offset, r_region, r_count = _unpack_hra(chunk, 0)
-        if size != n or flags != _REPLY or r_id != msg_id or r_command != command:
+    def region_reply_data(self, buf: bytearray, n: int, expect: bytes, size: int) -> bytes | None:
+        """Client: the data of the message in ``buf[:n]`` if it is exactly the
+        successful reply of ``size`` bytes whose header is ``expect`` (from
+        :meth:`region_request`: same id, command, access, no error); None,
+        with nothing consumed, for anything else (another message, an error
+        reply, a reply that does not match, a partial read)."""
+        if n != size or self._buf or not buf.startswith(expect):
             return None
         self._base += n
-        if (r_offset != offset or r_region != region or r_count != count
-                or n != (32 + count if command == _REGION_READ else 32)):
-            raise PeerProtocolError("region access reply does not match the request")
-        return bytes(chunk[32:]) if n > 32 else b""
+        return bytes(buf[32:n]) if n > 32 else b""
 
     def _interpret(self, msg_id: int, command: int, flags: int, payload: bytes,
                    fds: list[int]) -> Event:

@@ -628,7 +628,7 @@ def test_fast_region_paths_equal_general_paths() -> None:
     """Connection.region_request/region_reply/fast_request/region_reply_data
     agree with the general encoder and the event path."""
     client, server = negotiated_pair()
-    msg_id, fast = client.region_request(Command.REGION_WRITE, 0x20, 2, 4, b"abcd")
+    msg_id, fast, expect = client.region_request(Command.REGION_WRITE, 0x20, 2, 4, b"abcd")
     assert fast == wire.encode_message(msg_id, Command.REGION_WRITE, 0,
                                        RegionAccess(0x20, 2, 4, b"abcd").encode())
     assert server.fast_request(fast) == (msg_id, 10, 0x20, 2, 4, b"abcd")
@@ -639,19 +639,24 @@ def test_fast_region_paths_equal_general_paths() -> None:
     rep = server.region_reply(msg_id, Command.REGION_READ, 0x20, 2, 4, b"wxyz")
     assert rep == wire.encode_message(msg_id, Command.REGION_READ, wire.HeaderFlags.REPLY,
                                       RegionAccess(0x20, 2, 4, b"wxyz").encode())
-    # region_reply_data takes only the reply to the command we sent...
-    assert client.region_reply_data(rep, msg_id, Command.REGION_WRITE, 0x20, 2, 4) is None
+    # The expected header is the successful reply's, byte for byte.
     ok = server.region_reply(msg_id, Command.REGION_WRITE, 0x20, 2, 4)
-    assert client.region_reply_data(ok, msg_id + 1, Command.REGION_WRITE, 0x20, 2, 4) is None
-    assert client.region_reply_data(ok, msg_id, Command.REGION_WRITE, 0x20, 2, 4) == b""
-    # ...and refuses that reply when its access is not the one requested.
-    with pytest.raises(PeerProtocolError, match="does not match"):
-        client.region_reply_data(ok, msg_id, Command.REGION_WRITE, 0x24, 2, 4)
+    assert ok == expect
+    # region_reply_data takes only that reply, whole: not another command's,
+    # nor one for another access or id, an error, or a partial message.
+    assert client.region_reply_data(bytearray(rep), len(rep), expect, 32) is None
+    for other in (server.region_reply(msg_id, Command.REGION_WRITE, 0x24, 2, 4),
+                  server.region_reply(msg_id + 1, Command.REGION_WRITE, 0x20, 2, 4),
+                  Connection.send_error(msg_id, Command.REGION_WRITE, errno.EINVAL)):
+        assert client.region_reply_data(bytearray(other), len(other), expect, 32) is None
+    assert client.region_reply_data(bytearray(ok) + bytes(8), 40, expect, 32) is None
+    assert client.region_reply_data(bytearray(ok), 32, expect, 32) == b""
     # A read's data comes back; the general path sees the reply once expected.
-    msg_id, _ = client.region_request(Command.REGION_READ, 0x20, 2, 4)
+    msg_id, _, expect = client.region_request(Command.REGION_READ, 0x20, 2, 4)
     rep = server.region_reply(msg_id, Command.REGION_READ, 0x20, 2, 4, b"wxyz")
-    assert client.region_reply_data(rep, msg_id, Command.REGION_READ, 0x20, 2, 4) == b"wxyz"
-    msg_id, _ = client.region_request(Command.REGION_READ, 0x20, 2, 4)
+    assert client.region_reply_data(bytearray(rep), 30, expect, 36) is None
+    assert client.region_reply_data(bytearray(rep), 36, expect, 36) == b"wxyz"
+    msg_id, _, _ = client.region_request(Command.REGION_READ, 0x20, 2, 4)
     client.expect_reply(msg_id, Command.REGION_READ)
     client.receive_data(server.region_reply(msg_id, Command.REGION_READ, 0x20, 2, 4, b"abcd"))
     ev = client.next_event()
