@@ -268,7 +268,9 @@ class Session(DeviceContext):
                 if deferred:
                     dispatch(deferred.popleft())
                     continue
-                if not conn.buffered:
+                # conn.buffered without the property call: the connection's
+                # buffer is empty exactly when nothing is buffered.
+                if not conn._buf:
                     data, fds = recv()
                     # Only this thread consumes input, so the shortcut
                     # needs no lock (workers only send).
