@@ -21,7 +21,12 @@ contracts meet:
   thread (:mod:`xdevproto.lvu.direct`); otherwise ``vfu_sgl_read``/
   ``vfu_sgl_write`` send DMA_READ/DMA_WRITE messages, and since
   libvfio-user is not thread-safe, calls from worker threads are handed to
-  the loop thread and waited for.
+  the loop thread and waited for. One exception keeps a device that does
+  DMA under its own lock from deadlocking: while the loop thread is inside
+  the device's region access (it may be waiting for that very lock), the
+  socket is idle (the client awaits the access's reply) and a waiting
+  worker does its DMA itself, under the engine's socket lock, which the
+  loop thread holds at all other times.
 * SET_IRQS MASK/UNMASK reach the device through the library's IRQ state
   callback as ``set_irqs(index, ACTION_MASK|ACTION_UNMASK, start, count)``
   (so INTx, which the PCI framework automasks on each edge, fires again
@@ -138,6 +143,9 @@ class LvuEngine:
         self.direct = DirectMaps()
         self._jobs: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
         self._jobs_lock = threading.Lock()
+        # Held by the loop thread except while the device handles a region
+        # access; whoever holds it may use the library's socket.
+        self._socket = threading.Lock()
         self._loop_thread: int | None = None
         self._stopping = False
         self._attached = False
@@ -205,10 +213,26 @@ class LvuEngine:
         return kind
 
     def _reader(self, index: int) -> Callable[[int, int], bytes]:
-        return lambda offset, count: self.device.region_read(index, offset, count)
+        read = self.device.region_read
+
+        def on_read(offset: int, count: int) -> bytes:
+            self._socket.release()
+            try:
+                return read(index, offset, count)
+            finally:
+                self._socket.acquire()
+        return on_read
 
     def _writer(self, index: int) -> Callable[[int, bytes], None]:
-        return lambda offset, data: self.device.region_write(index, offset, data)
+        write = self.device.region_write
+
+        def on_write(offset: int, data: bytes) -> None:
+            self._socket.release()
+            try:
+                write(index, offset, data)
+            finally:
+                self._socket.acquire()
+        return on_write
 
     # -- callbacks from the library (loop thread) -------------------------------------
 
@@ -280,14 +304,32 @@ class LvuEngine:
     # -- the loop ---------------------------------------------------------------------
 
     def on_loop(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the loop thread (directly when already there)."""
+        """Run ``fn``, which uses the library's socket, on the loop thread
+        (directly when already there); or on this thread if the loop thread
+        enters a region access before taking it (see the module docstring)."""
         if threading.get_ident() == self._loop_thread:
             return fn()
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        job = (fn, fut)
         with self._jobs_lock:
-            self._jobs.append((fn, fut))
+            self._jobs.append(job)
         self.wake()
-        return fut.result()
+        while True:
+            try:
+                return fut.result(timeout=0.005)
+            except concurrent.futures.TimeoutError:
+                pass
+            if not self._socket.acquire(blocking=False):
+                continue  # the loop thread is in the library or idle: it will run the job
+            try:
+                with self._jobs_lock:
+                    mine = any(j is job for j in self._jobs)
+                    if mine:
+                        self._jobs = [j for j in self._jobs if j is not job]
+                if mine:
+                    return fn()
+            finally:
+                self._socket.release()
 
     def wake(self) -> None:
         """Make the loop run its jobs and dirty marks soon (from any thread)."""
@@ -320,16 +362,20 @@ class LvuEngine:
     def serve(self) -> None:
         """Serve clients until :meth:`stop`; call from the thread that owns the engine."""
         self._loop_thread = threading.get_ident()
-        while not self._stopping:
-            fds = [self.ctx.poll_fd(), self._wake_r, *self._irq_fds]
-            ready, _, _ = select.select(fds, [], [])
-            if self._wake_r in ready:
-                self._run_jobs()
-            for fd in ready:
-                if fd in self._irq_fds:
-                    self._forward_irq(fd)
-            if fds[0] in ready and not self._stopping:
-                self._step()
+        self._socket.acquire()
+        try:
+            while not self._stopping:
+                fds = [self.ctx.poll_fd(), self._wake_r, *self._irq_fds]
+                ready, _, _ = select.select(fds, [], [])
+                if self._wake_r in ready:
+                    self._run_jobs()
+                for fd in ready:
+                    if fd in self._irq_fds:
+                        self._forward_irq(fd)
+                if fds[0] in ready and not self._stopping:
+                    self._step()
+        finally:
+            self._socket.release()
         self._fail_jobs()
 
     def _step(self) -> None:

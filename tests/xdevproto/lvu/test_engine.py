@@ -9,6 +9,7 @@ import os
 import select
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,3 +140,58 @@ def test_reset_and_migration_reach_the_device(served: tuple[TestDevice, str]) ->
         c.reset()
         assert device.resets == before + 1
         assert c.region_read(PciRegion.BAR0, 4, 4) == b"\0\0\0\0"
+
+
+class LockedDevice(TestDevice):
+    """A device that does message DMA while holding the lock its register
+    writes take (as the e1000 model does when a frame arrives)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model_lock = threading.Lock()
+        self.holding = threading.Event()
+        self.got: bytes | None = None
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        if index == PciRegion.BAR0 and offset == 0x40:
+            with self.model_lock:  # the loop thread waits here for the worker
+                return
+        super().region_write(index, offset, data)
+
+    def receive_from_worker(self, iova: int, length: int) -> None:
+        with self.model_lock:
+            self.holding.set()
+            time.sleep(0.3)  # long enough for the register write to block on the lock
+            assert self.ctx is not None
+            self.got = self.ctx.dma_read(iova, length)
+
+
+def test_worker_dma_under_the_device_lock_does_not_deadlock_a_register_write(
+        tmp_path: Path) -> None:
+    device = LockedDevice()
+    path = str(tmp_path / "engine.sock")
+    engine = LvuEngine(device, path)
+    loop = threading.Thread(target=engine.serve, daemon=True)
+    loop.start()
+    try:
+        with MemfdRam(0x1000, base=0x40000) as ram, Client.connect(path, guest=ram) as c:
+            c.dma_map(0x40000, 0x1000)  # no fd: DMA_READ messages
+            ram.write(0x40000, b"frame payload")
+            worker = threading.Thread(target=device.receive_from_worker,
+                                      args=(0x40000, 13), daemon=True)
+            worker.start()
+            assert device.holding.wait(10)
+            writer = threading.Thread(
+                target=c.region_write, args=(PciRegion.BAR0, 0x40, b"\1\0\0\0"), daemon=True)
+            writer.start()
+            writer.join(20)
+            worker.join(20)
+            assert not writer.is_alive() and not worker.is_alive(), "deadlocked"
+            assert device.got == b"frame payload"
+            # and the engine keeps serving
+            assert c.region_read(PciRegion.BAR0, 0, 4) == struct.pack("<I", ID_VALUE)
+    finally:
+        engine.stop()
+        loop.join(10)
+        if not loop.is_alive():
+            engine.close()
