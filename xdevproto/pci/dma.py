@@ -24,7 +24,6 @@ mapped fd; writes sent as DMA_WRITE messages are the client's to track.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import errno
 import mmap
 import os
@@ -176,33 +175,71 @@ class GuestMemory:
         waiting in unmap). Message pieces are not pinned: once unmapped, the
         client refuses them.
         """
-        if addr < 0 or length < 0 or addr + length > 1 << 64:
-            raise DmaError(f"DMA address {addr:#x}+{length} out of range")
         pieces: list[_Piece] = []
         with self._lock:
-            i = bisect.bisect(self._starts, addr) - 1
-            pos, end = addr, addr + length
-            while pos < end or not pieces:
-                if i < 0 or i >= len(self._regions):
-                    raise DmaError(f"DMA to unmapped {pos:#x} ({addr:#x}+{length})")
-                entry = self._regions[i]
-                if not entry.region.iova <= pos < entry.end and not (pos == end == entry.end):
-                    raise DmaError(f"DMA to unmapped {pos:#x} ({addr:#x}+{length})")
-                if not (entry.region.writable if write else entry.region.readable):
-                    raise DmaError(f"DMA {'write' if write else 'read'} denied at {pos:#x}")
-                n = min(end, entry.end) - pos
-                pieces.append(_Piece(entry, pos - entry.region.iova, n, pos - addr))
-                pos += n
-                i += 1
-            for piece in pieces:
-                if piece.entry.view is not None:
-                    piece.entry.users += 1
-                    piece.pinned = True
+            self._cover(addr, length, write, 0, pieces)
         try:
             yield pieces
         finally:
             for piece in pieces:
                 piece.done()
+
+    @contextmanager
+    def _pin_sg(self, sg: Sequence[SgEntry], write: bool) -> Iterator[list[_Piece]]:
+        """The pieces of a whole scatter-gather list, for one system call: one
+        lock, and each fd-mapped region it touches pinned once for the whole
+        call rather than per piece (a disk command's list can hold hundreds
+        of entries). ``pos`` counts from the start of the list; do not call
+        :meth:`_Piece.done` on these."""
+        pieces: list[_Piece] = []
+        used: list[_Mapped] = []
+        try:
+            with self._lock:
+                pos = 0
+                for e in sg:
+                    self._cover(e.addr, e.length, write, pos, pieces, pin=False)
+                    pos += e.length
+                for entry in {id(p.entry): p.entry for p in pieces}.values():
+                    if entry.view is not None:
+                        entry.users += 1
+                        used.append(entry)
+            yield pieces
+        finally:
+            for entry in used:
+                with entry.cond:
+                    entry.users -= 1
+                    if entry.users == 0 and entry.gone:
+                        entry.cond.notify_all()
+
+    def _cover(self, addr: int, length: int, write: bool, base: int,
+               pieces: list[_Piece], pin: bool = True) -> None:
+        """Append the pieces of [addr, addr+length) to ``pieces``, pinning the
+        fd-mapped ones if ``pin`` (``_lock`` held); all or nothing is appended."""
+        if addr < 0 or length < 0 or addr + length > 1 << 64:
+            raise DmaError(f"DMA address {addr:#x}+{length} out of range")
+        first = len(pieces)
+        i = bisect.bisect(self._starts, addr) - 1
+        pos, end = addr, addr + length
+        while pos < end or len(pieces) == first:
+            if i < 0 or i >= len(self._regions):
+                del pieces[first:]
+                raise DmaError(f"DMA to unmapped {pos:#x} ({addr:#x}+{length})")
+            entry = self._regions[i]
+            if not entry.iova <= pos < entry.end and not (pos == end == entry.end):
+                del pieces[first:]
+                raise DmaError(f"DMA to unmapped {pos:#x} ({addr:#x}+{length})")
+            if not (entry.writable if write else entry.readable):
+                del pieces[first:]
+                raise DmaError(f"DMA {'write' if write else 'read'} denied at {pos:#x}")
+            n = min(end, entry.end) - pos
+            pieces.append(_Piece(entry, pos - entry.iova, n, base + pos - addr))
+            pos += n
+            i += 1
+        if pin:
+            for piece in pieces[first:]:
+                if piece.entry.view is not None:
+                    piece.entry.users += 1
+                    piece.pinned = True
 
     def _context(self) -> DeviceContext:
         if self.ctx is None:
@@ -380,13 +417,9 @@ class GuestMemory:
                  to_guest: bool) -> int | None:
         """One system call for ``sg`` if all of it is fd-mapped, else None
         (before any byte moved)."""
-        with contextlib.ExitStack() as stack:
-            pieces: list[_Piece] = []
-            for e in sg:
-                got = stack.enter_context(self._pin(e.addr, e.length, to_guest))
-                if any(p.entry.view is None for p in got):
-                    return None
-                pieces.extend(got)
+        with self._pin_sg(sg, to_guest) as pieces:
+            if any(p.entry.view is None for p in pieces):
+                return None
             if len(pieces) > IOV_MAX:
                 return None
             views = [p.entry.view[p.offset:p.offset + p.length]  # type: ignore[index]
@@ -396,7 +429,7 @@ class GuestMemory:
             finally:
                 for v in views:
                     v.release()
-            if to_guest:
+            if to_guest and self._log_page is not None:
                 left = done
                 for p in pieces:
                     if left <= 0:
