@@ -263,7 +263,9 @@ class Interrupts:
         except OSError as exc:
             log.warning("irq %s[%d]: eventfd write failed: %s", IrqIndex(index).name, vector, exc)
         else:
-            log.debug("irq %s[%d] signalled", IrqIndex(index).name, vector)
+            # Every interrupt passes here: no name lookup unless it is logged.
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("irq %s[%d] signalled", IrqIndex(index).name, vector)
 
 
 def _close_all(fds: Sequence[int | None] | None) -> None:
