@@ -16,7 +16,7 @@ import bisect
 import errno
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from xdevproto.errors import DeviceError
@@ -301,26 +301,32 @@ class E1000Device(PciDevice):
 
     def count_frame(self, rx: bool, frame: bytes) -> None:
         """The per-frame counters of one direction: good/total packets and
-        octets (with FCS), broadcast/multicast, size bucket (SDM 13.7).
-        Once per frame, so it works on the slots directly."""
-        size = len(frame) + 4
+        octets (with FCS), broadcast/multicast, size bucket (SDM 13.7)."""
+        self.count_frames(rx, (frame,))
+
+    def count_frames(self, rx: bool, frames: Sequence[bytes]) -> None:
+        """:meth:`count_frame` for a batch (a TX ring's worth), on the slots
+        directly; the packet and 64-bit octet counters are updated once."""
         v = self.r.values
         packets, octets, bcast, mcast, buckets = self._counter_slots[rx]
+        total = 0
+        for frame in frames:
+            size = len(frame) + 4  # and the FCS
+            total += size
+            if frame[0] & 1:
+                n = bcast if frame[:6] == BROADCAST else mcast
+                if v[n] < 0xFFFFFFFF:
+                    v[n] += 1
+            n = buckets[min(bisect.bisect_left(_BUCKETS, size), 5)]
+            if v[n] < 0xFFFFFFFF:
+                v[n] += 1
+        if not total:
+            return
         for n in packets:
-            if v[n] < 0xFFFFFFFF:
-                v[n] += 1
+            v[n] = min(v[n] + len(frames), 0xFFFFFFFF)
         for lo, hi in octets:
-            total = (v[hi] << 32 | v[lo]) + size
-            if total >> 64:
-                total = (1 << 64) - 1
-            v[lo], v[hi] = total & 0xFFFFFFFF, total >> 32
-        if frame[0] & 1:
-            n = bcast if frame[:6] == BROADCAST else mcast
-            if v[n] < 0xFFFFFFFF:
-                v[n] += 1
-        n = buckets[min(bisect.bisect_left(_BUCKETS, size), 5)]
-        if v[n] < 0xFFFFFFFF:
-            v[n] += 1
+            both = min((v[hi] << 32 | v[lo]) + total, (1 << 64) - 1)
+            v[lo], v[hi] = both & 0xFFFFFFFF, both >> 32
 
     def _slots_for(self, names: tuple[str, ...]) -> tuple[object, ...]:
         slot = self.r.slot

@@ -63,6 +63,9 @@ class Transmitter:
         self.tse = False
         self.popts = 0
         self.loopback: list[bytes] = []
+        # per batch (set by kick)
+        self._psp = self._vlan = self._looped = False
+        self._sent: list[bytes] = []
 
     def kick(self) -> None:
         """Process the ring (called with the NIC lock held)."""
@@ -74,6 +77,14 @@ class Transmitter:
         if n == 0:
             return
         self.busy = True
+        # Registers that only a register write changes, and no write can come
+        # while the lock is held: read once per batch, not per frame.
+        self._psp = bool(regs[R.TCTL] & R.TCTL_PSP)
+        self._vlan = bool(regs[R.CTRL] & R.CTRL_VME)
+        self._looped = (regs[R.RCTL] & R.RCTL_LBM_MAC == R.RCTL_LBM_MAC
+                        or nic.phy.loopback)
+        sent: list[bytes] = []
+        self._sent = sent
         try:
             head, tail = regs[R.TDH], regs[R.TDT]
             if head >= n:
@@ -103,6 +114,7 @@ class Transmitter:
                 regs[R.TDH] = head
         finally:
             self.busy = False
+            nic.count_frames(False, sent)
         if rs_seen:
             if immediate:
                 nic.raise_cause(R.ICR_TXDW)
@@ -202,11 +214,11 @@ class Transmitter:
 
     def _emit(self, frame: bytearray, cmd: int, special: int) -> None:
         nic = self.nic
-        if cmd & CMD_VLE and nic.r[R.CTRL] & R.CTRL_VME:
+        if cmd & CMD_VLE and self._vlan:
             frame = packet.insert_vlan(frame, nic.r[R.VET], special)
-        out = bytes(packet.pad(frame)) if nic.r[R.TCTL] & R.TCTL_PSP else bytes(frame)
-        nic.count_frame(False, out)
-        if nic.r[R.RCTL] & R.RCTL_LBM_MAC == R.RCTL_LBM_MAC or nic.phy.loopback:
+        out = bytes(packet.pad(frame)) if self._psp else bytes(frame)
+        self._sent.append(out)  # counted after the batch
+        if self._looped:
             if len(self.loopback) < MAX_LOOPBACK:
                 self.loopback.append(out)
             return
