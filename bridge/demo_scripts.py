@@ -219,12 +219,12 @@ marker = "{MARKER}"
 timeout_s = ${{XDEV_GUEST_TIMEOUT:-900}}
 [disk]
 image = "$IMG"
+engine = "${{XDEV_AHCI_ENGINE:-native}}"
 [nic]
 tap = "{TAP}"
 host_address = "{DOM0_IP}/24"
 [run]
 launcher = "$XDEV_LAUNCHER"
-engine = "${{XDEV_ENGINE:-native}}"
 log_dir = "$R/logs"
 EOF
 if [ -n "$XDEV_LVU_STAGE" ]; then

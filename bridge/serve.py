@@ -55,7 +55,8 @@ class Plan:
     name: str
     instance: str = "demo"
     launcher: str = "process"
-    engine: str = "native"
+    #: protocol engine per device server kind ("ahci", "e1000"): native unless set
+    engines: dict[str, str] = field(default_factory=dict)
     disk: str | None = None
     cdrom: str | None = None
     ahci_bdf: str = "00:05.0"
@@ -85,8 +86,8 @@ def load_plan(path: Path) -> Plan:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ServeError(f"cannot read {path}: {exc}") from None
     known = {"guest": {"xl_config", "name", "serial", "marker", "timeout_s"},
-             "disk": {"image", "cdrom", "bdf"},
-             "nic": {"tap", "mac", "host_address", "bdf"},
+             "disk": {"image", "cdrom", "bdf", "engine"},
+             "nic": {"tap", "mac", "host_address", "bdf", "engine"},
              "run": {"instance", "launcher", "engine", "log_dir", "python"}}
     for section, values in data.items():
         if section not in known or not isinstance(values, dict):
@@ -108,14 +109,16 @@ def load_plan(path: Path) -> Plan:
         tap=nic.get("tap"), mac=nic.get("mac", "52:54:00:12:34:56"),
         host_address=nic.get("host_address"), e1000_bdf=nic.get("bdf", "00:06.0"),
         instance=run.get("instance", "demo"), launcher=run.get("launcher", "process"),
-        engine=run.get("engine", "native"),
+        engines={kind: section.get("engine", run.get("engine", "native"))
+                 for kind, section in (("ahci", disk), ("e1000", nic))},
         log_dir=Path(run.get("log_dir", "/run/xdev/logs")),
         python=run.get("python", sys.executable),
     )
     if plan.launcher not in ("process", "systemd"):
         raise ServeError(f"{path}: launcher must be \"process\" or \"systemd\"")
-    if plan.engine not in ENGINES:
-        raise ServeError(f"{path}: engine must be one of {', '.join(ENGINES)}")
+    for engine in plan.engines.values():
+        if engine not in ENGINES:
+            raise ServeError(f"{path}: engine must be one of {', '.join(ENGINES)}")
     if plan.disk is None and plan.tap is None:
         raise ServeError(f"{path}: nothing to serve (no [disk] image and no [nic] tap)")
     if plan.launcher == "systemd" and plan.disk and Path(plan.disk).parent != IMAGE_DIR:
@@ -165,7 +168,8 @@ class Report:
 
 def server_argv(plan: Plan, kind: str) -> list[str]:
     """Options for one device server (also the body of its /etc/xdev config)."""
-    engine = [] if plan.engine == "native" else ["--engine", plan.engine]
+    chosen = plan.engines.get(kind, "native")
+    engine = [] if chosen == "native" else ["--engine", chosen]
     if kind == "ahci":
         argv = [] if plan.disk is None else ["--disk", f"file={plan.disk}"]
         if plan.cdrom:

@@ -35,7 +35,7 @@ host_address = "169.254.1.1/24"
     assert serve.server_argv(plan, "e1000")[-1] == "tap,ifname=t0"
 
 
-def test_engine_reaches_both_servers(tmp_path: Path) -> None:
+def test_engine_reaches_both_servers_or_the_one_that_names_it(tmp_path: Path) -> None:
     plan = serve.load_plan(_write(tmp_path, """
 [guest]
 xl_config = "CFG"
@@ -48,6 +48,17 @@ engine = "libvfio-user"
 """))
     for kind in ("ahci", "e1000"):
         assert serve.server_argv(plan, kind)[-2:] == ["--engine", "libvfio-user"]
+    plan = serve.load_plan(_write(tmp_path, """
+[guest]
+xl_config = "CFG"
+[disk]
+image = "/srv/a.img"
+engine = "libvfio-user"
+[nic]
+tap = "t0"
+"""))
+    assert serve.server_argv(plan, "ahci")[-2:] == ["--engine", "libvfio-user"]
+    assert "--engine" not in serve.server_argv(plan, "e1000")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -11,7 +11,7 @@ each way over TCP. dom0 then checks the image.
 
 * with MSI, the daemons started by the systemd units (issue 7);
 * with ``pci=nomsi`` (INTx), the daemons as plain processes;
-* with both servers on the libvfio-user engine (where the host has it);
+* with xdev-ahci on the libvfio-user engine (where the host has it);
 * SeaBIOS boots from a boot sector on the xdev disk (no kernel given).
 
 Seen so far (beside a second emulated host, so everything ran 5-10x slow):
@@ -91,16 +91,20 @@ def test_ahci_and_e1000_with_intx(emuhost_session: HostSession) -> None:
     _check(_run(emuhost_session, "process", nomsi=True), "intx")
 
 
-def test_ahci_and_e1000_on_the_libvfio_user_engine(emuhost_session: HostSession,
-                                                   emuhost_scratch: Path) -> None:
-    """Issue 9: the same guest checks with both servers on ``--engine
-    libvfio-user`` (the host's libvfio-user, copied into dom0)."""
+def test_ahci_on_the_libvfio_user_engine(emuhost_session: HostSession,
+                                        emuhost_scratch: Path) -> None:
+    """Issue 9: the same guest checks with xdev-ahci on ``--engine
+    libvfio-user`` (the host's libvfio-user, copied into dom0). The e1000
+    stays native: it does DMA on its own (a frame arrives), and
+    libvfio-user takes a client command that arrives meanwhile for the DMA
+    reply it waits for (docs/libvfio-user-engine.md)."""
     stage_library(emuhost_scratch)
     result = _run(emuhost_session, "process", nomsi=False,
-                  env={"XDEV_ENGINE": "libvfio-user", "XDEV_LVU_STAGE": "/xdev/scratch/lvu-lib"})
+                  env={"XDEV_AHCI_ENGINE": "libvfio-user",
+                       "XDEV_LVU_STAGE": "/xdev/scratch/lvu-lib"})
     _check(result, "msi")
-    logs = result.file("logs/ahci.log") + result.file("logs/e1000.log")
-    assert logs.count("engine libvfio-user") == 2, logs[-3000:]
+    assert "(engine libvfio-user)" in result.file("logs/ahci.log"), result.file("logs/ahci.log")
+    assert "(engine native)" in result.file("logs/e1000.log"), result.file("logs/e1000.log")
 
 
 BOOT_SCRIPT = rf"""
