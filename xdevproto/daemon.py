@@ -31,7 +31,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from .device import Device
 from .server import Server
@@ -105,6 +105,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vfio-user protocol engine: xdev's own (native, the default) or "
                              "libvfio-user's C library, loaded at run time (UNIX sockets "
                              "only; --fd and socket activation work with both)")
+    parser.add_argument("--xen-foreign-dma", action="store_true",
+                        help="when xdev-bridge offers it, map the Xen guest's memory here and "
+                             "do DMA directly instead of by DMA_READ/DMA_WRITE messages "
+                             "(native engine; needs the right to map the guest, e.g. root "
+                             "in dom0)")
 
 
 def _engine(name: str) -> str:
@@ -164,20 +169,35 @@ def listener_from(socket_path: str | None, fd: int | None) -> socket.socket:
 
 def run_server(device: Device, listener: socket.socket, *, name: str,
                allowed_uids: list[int] | None = None,
-               cleanup: Callable[[], None] | None = None, engine: str = "native") -> int:
+               cleanup: Callable[[], None] | None = None, engine: str = "native",
+               xen_foreign_dma: bool = False) -> int:
     """Serve until SIGTERM/SIGINT on ``engine`` (one of :data:`ENGINES`); then
-    clean up and say so to systemd."""
+    clean up and say so to systemd. ``xen_foreign_dma``: accept the bridge's
+    offer of Xen guest memory (the xdev VERSION extension, bridge.foreign)."""
     server: Server | LvuServer
+
+    def refuse(why: str) -> NoReturn:
+        if cleanup is not None:
+            cleanup()
+        listener.close()
+        raise SystemExit(f"{name}: {why}")
+
     if engine == "libvfio-user":
-        from .lvu.engine import LvuServer
         if listener.family != socket.AF_UNIX:
-            if cleanup is not None:
-                cleanup()
-            listener.close()
-            raise SystemExit(f"{name}: --engine libvfio-user serves UNIX sockets only")
+            refuse("--engine libvfio-user serves UNIX sockets only")
+        if xen_foreign_dma:
+            refuse("--xen-foreign-dma needs the native engine (libvfio-user answers "
+                   "VERSION itself)")
+        from .lvu.engine import LvuServer
         server = LvuServer(device, allowed_uids=allowed_uids)
     else:
-        server = Server(device, allowed_uids=allowed_uids)
+        mappers = None
+        if xen_foreign_dma:
+            # The Xen mapper lives with the bridge's Xen bindings; imported
+            # only when asked for, so servers elsewhere never load them.
+            from bridge.foreign import GUEST_MAPPERS
+            mappers = GUEST_MAPPERS
+        server = Server(device, allowed_uids=allowed_uids, guest_mappers=mappers)
     def on_state(state: str) -> None:
         notify(f"STATUS={name}: {state}")
 

@@ -60,6 +60,7 @@ class Config:
     allow_uid: tuple[int, ...] | None
     log_level: str
     engine: str = "native"
+    xen_foreign_dma: bool = False
 
 
 def split_options(text: str) -> dict[str, str]:
@@ -161,7 +162,8 @@ def parse(argv: list[str]) -> Config:
     if not max(1, len(drives)) <= ports <= MAX_PORTS:
         p.error(f"--ports {ports}: need 1-{MAX_PORTS} ports and one per drive ({len(drives)})")
     return Config(args.socket, args.fd, drives, ports,
-                  tuple(args.allow_uid) if args.allow_uid else None, args.log_level, args.engine)
+                  tuple(args.allow_uid) if args.allow_uid else None, args.log_level, args.engine,
+                  args.xen_foreign_dma)
 
 
 def open_drive(spec: DriveSpec) -> AtaDisk | AtapiCdrom:
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     return run_server(device, listener, name=NAME,
                       allowed_uids=list(config.allow_uid) if config.allow_uid else None,
-                      cleanup=device.close, engine=config.engine)
+                      cleanup=device.close, engine=config.engine,
+                      xen_foreign_dma=config.xen_foreign_dma)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class Config:
     allow_uid: tuple[int, ...] | None
     log_level: str
     engine: str = "native"
+    xen_foreign_dma: bool = False
 
 
 def parse_mac(text: str) -> bytes:
@@ -75,7 +76,8 @@ def parse(argv: list[str]) -> Config:
     except ValueError as exc:
         p.error(str(exc))
     return Config(args.socket, args.fd, mac, netdev, args.pcap,
-                  tuple(args.allow_uid) if args.allow_uid else None, args.log_level, args.engine)
+                  tuple(args.allow_uid) if args.allow_uid else None, args.log_level, args.engine,
+                  args.xen_foreign_dma)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("MAC %s, back end %s", config.mac.hex(":"), config.netdev.kind)
     return run_server(device, listener, name=NAME,
                       allowed_uids=list(config.allow_uid) if config.allow_uid else None,
-                      cleanup=device.close, engine=config.engine)
+                      cleanup=device.close, engine=config.engine,
+                      xen_foreign_dma=config.xen_foreign_dma)
 
 
 if __name__ == "__main__":

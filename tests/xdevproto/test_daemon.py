@@ -103,3 +103,45 @@ def test_journal_priority_prefixes() -> None:
 
     rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "two\nlines", None, None)
     assert JournalFormatter("%(message)s").format(rec) == "<3>two\n<3>lines"
+
+
+def test_xen_foreign_dma_reaches_the_server_as_the_bridges_mapper(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bridge.foreign import GUEST_MAPPERS, KIND
+    from servers.ahci.cli import parse as parse_ahci
+    from servers.e1000.cli import parse as parse_e1000
+    from xdevproto import daemon
+    from xdevproto.testdev import TestDevice
+
+    assert parse_ahci(["--socket", "s", "--xen-foreign-dma"]).xen_foreign_dma
+    assert not parse_ahci(["--socket", "s"]).xen_foreign_dma
+    assert parse_e1000(["--socket", "s", "--netdev", "null", "--xen-foreign-dma"]).xen_foreign_dma
+
+    made: list[dict[str, object]] = []
+
+    class Recording:
+        def __init__(self, device: object, **kw: object) -> None:
+            made.append(kw)
+            self.on_state = None
+
+        def serve(self, listener: socket.socket) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(daemon, "Server", Recording)
+    for flag in (True, False):
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(tmp_path / f"l{flag}"))
+        assert daemon.run_server(TestDevice(), listener, name="t", xen_foreign_dma=flag) == 0
+    assert made[0]["guest_mappers"] is GUEST_MAPPERS and KIND in GUEST_MAPPERS
+    assert made[1]["guest_mappers"] is None
+
+    closed: list[bool] = []
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "lvu"))
+    with pytest.raises(SystemExit, match="needs the native engine"):
+        daemon.run_server(TestDevice(), listener, name="t", engine="libvfio-user",
+                          xen_foreign_dma=True, cleanup=lambda: closed.append(True))
+    assert closed == [True] and listener.fileno() == -1
