@@ -1,12 +1,14 @@
 """xdev devices beside QEMU's in one Xen HVM guest: MMIO round trips and disk I/O.
 
-    python bench/xen.py [--json OUT] [--seconds S] [--rounds N] [--size-mb N]
+    python bench/xen.py [--json OUT] [--seconds S] [--rounds N] [--size-mb N] [--message-dma]
 
 Xen tier: boots the emulated Xen host (``bridge.emuhost``; docs/emuhost.md)
 and one HVM guest with two AHCI controllers:
 
 * 00:05.0, xdev's: ``xdev-ahci`` serving a raw image in dom0, reached
-  through ``xdev-bridge`` (a secondary ioreq server);
+  through ``xdev-bridge`` (a secondary ioreq server); it maps the guest's
+  memory itself (``--xen-foreign-dma``, the bridge's xdev extension) unless
+  ``--message-dma`` sends its DMA through the bridge as messages;
 * QEMU's own (``hdtype="ahci"``), the guest's default device model, with a
   raw image of the same size and contents in the same dom0 directory.
 
@@ -136,7 +138,7 @@ log "images ready"
 # Python start-up has been seen to die under TCG: retried.
 for attempt in 1 2 3; do
     rm -f "$SOCK"
-    python3 -m servers.ahci --socket "$SOCK" --disk "file=$D/xdev.img" \
+    python3 -m servers.ahci --socket "$SOCK" --disk "file=$D/xdev.img" $XB_SERVER_OPTS \
         2>> "$XDEV_RUN/ahci.log" &
     server=$!
     for i in $(seq 240); do
@@ -207,7 +209,8 @@ def figures(raw: dict[str, list[tuple[float, float]]]) -> dict[str, float | None
     return out
 
 
-def run_bench(seconds: float, rounds: int, size_mb: int, timeout: float) -> tuple[dict, RunResult]:
+def run_bench(seconds: float, rounds: int, size_mb: int, timeout: float,
+              foreign_dma: bool = True) -> tuple[dict, RunResult]:
     host = EmuHost()
     image = host.ensure_image()
     with tempfile.TemporaryDirectory(prefix="xdev-xbench-") as tmp:
@@ -226,12 +229,15 @@ def run_bench(seconds: float, rounds: int, size_mb: int, timeout: float) -> tupl
         started = time.monotonic()
         result = host.run(DOM0_SCRIPT, guests=[guest], timeout=timeout,
                           env={"XB_SIZE_MB": str(size_mb), "XB_GUEST": GUEST,
-                               "XB_GUEST_TIMEOUT": str(guest_timeout)})
+                               "XB_GUEST_TIMEOUT": str(guest_timeout),
+                               "XB_SERVER_OPTS": "--xen-foreign-dma" if foreign_dma else ""})
         elapsed = time.monotonic() - started
     serial = result.guest_serial(GUEST)
     report: dict = {
         "host": "emulated Xen host (bridge.emuhost, QEMU TCG)",
         "seconds_per_figure_per_round": seconds, "rounds": rounds, "disk_mb": size_mb,
+        # xdev-ahci maps the guest itself (bridge's xdev extension) or goes by messages
+        "xdev_dma": "xen-foreign" if foreign_dma else "messages",
         **figures(parse_results(serial)),
         "targets": TARGETS,
         "run_seconds": round(elapsed, 1),
@@ -257,11 +263,15 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=64, help="each disk's size (default 64)")
     ap.add_argument("--timeout", type=float, default=1800,
                     help="bound on the dom0 job in seconds (default 1800)")
+    ap.add_argument("--message-dma", action="store_true",
+                    help="xdev-ahci without --xen-foreign-dma: guest memory by "
+                         "DMA_READ/DMA_WRITE through the bridge")
     args = ap.parse_args()
     if args.seconds <= 0 or args.rounds < 1 or args.size_mb < 2:
         ap.error("--seconds > 0, --rounds >= 1 and --size-mb >= 2 please")
     try:
-        report, result = run_bench(args.seconds, args.rounds, args.size_mb, args.timeout)
+        report, result = run_bench(args.seconds, args.rounds, args.size_mb, args.timeout,
+                                   foreign_dma=not args.message_dma)
     except BenchError as exc:
         print(f"bench/xen.py: {exc}", file=sys.stderr)
         return 2
