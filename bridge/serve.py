@@ -170,6 +170,10 @@ def server_argv(plan: Plan, kind: str) -> list[str]:
     """Options for one device server (also the body of its /etc/xdev config)."""
     chosen = plan.engines.get(kind, "native")
     engine = [] if chosen == "native" else ["--engine", chosen]
+    if chosen == "native" and plan.launcher == "process":
+        # Root in dom0 may map the guest: DMA without messages through the
+        # bridge. The units' sandbox cannot, so they keep message DMA.
+        engine.append("--xen-foreign-dma")
     if kind == "ahci":
         argv = [] if plan.disk is None else ["--disk", f"file={plan.disk}"]
         if plan.cdrom:

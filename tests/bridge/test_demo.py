@@ -31,8 +31,9 @@ host_address = "169.254.1.1/24"
     assert serve.bridge_argv(plan) == [
         "--domain", "web1", "--device", "00:05.0=unix:/run/xdev/ahci-demo.sock",
         "--device", "00:06.0=unix:/run/xdev/e1000-demo.sock"]
-    assert serve.server_argv(plan, "ahci") == ["--disk", "file=/srv/a.img"]
-    assert serve.server_argv(plan, "e1000")[-1] == "tap,ifname=t0"
+    # plain processes run as root in dom0: they map the guest themselves
+    assert serve.server_argv(plan, "ahci") == ["--disk", "file=/srv/a.img", "--xen-foreign-dma"]
+    assert serve.server_argv(plan, "e1000")[-2:] == ["tap,ifname=t0", "--xen-foreign-dma"]
 
 
 def test_engine_reaches_both_servers_or_the_one_that_names_it(tmp_path: Path) -> None:
@@ -58,7 +59,7 @@ engine = "libvfio-user"
 tap = "t0"
 """))
     assert serve.server_argv(plan, "ahci")[-2:] == ["--engine", "libvfio-user"]
-    assert "--engine" not in serve.server_argv(plan, "e1000")
+    assert serve.server_argv(plan, "e1000")[-2:] == ["tap,ifname=t0", "--xen-foreign-dma"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -114,3 +115,16 @@ def test_config_without_a_xen_host_is_refused(monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path) -> None:
     monkeypatch.setattr(demo, "xen_host_present", lambda: False)
     assert demo.main(["--config", str(tmp_path / "x.toml")]) == 2
+
+
+def test_units_keep_message_dma(tmp_path: Path) -> None:
+    plan = serve.load_plan(_write(tmp_path, """
+[guest]
+xl_config = "CFG"
+[disk]
+image = "/var/lib/xdev/images/a.img"
+[run]
+launcher = "systemd"
+"""))
+    # the units' sandbox cannot map the guest: no --xen-foreign-dma
+    assert serve.server_argv(plan, "ahci") == ["--disk", "file=/var/lib/xdev/images/a.img"]
