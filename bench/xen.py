@@ -153,20 +153,9 @@ done
 log "server $server up"
 # Created paused, so that SeaBIOS and Linux find 00:05.0 at boot.
 xdev_guest_start "$XB_GUEST" -p || exit 4
-running() { xenstore-ls /local/domain/0/xdev 2>/dev/null | grep -q 'state = "running"'; }
-for attempt in 1 2 3; do
-    python3 -m bridge.cli --domain "$XB_GUEST" --device "00:05.0=unix:$SOCK" \
-        2>> "$XDEV_RUN/bridge.log" &
-    bridge=$!
-    for i in $(seq 240); do
-        running && break
-        kill -0 $bridge 2>/dev/null || break
-        sleep 0.5
-    done
-    running && break
-    log "bridge attempt $attempt failed"
-done
-running || { xl destroy "$XB_GUEST"; exit 5; }
+xdev_bridge_start "$XB_GUEST" "$XDEV_RUN/bridge.log" "00:05.0=unix:$SOCK" \
+    || { xl destroy "$XB_GUEST"; exit 5; }
+bridge=$XDEV_BRIDGE_PID
 log "bridge $bridge running"
 timeout 60 xl unpause "$XB_GUEST"
 log "unpaused ($?)"

@@ -60,3 +60,35 @@ xdev_guest_run() {
     xdev_guest_destroy "$1"
     return $_rc
 }
+
+# xdev_bridge_start GUEST LOG DEVICE...: start xdev-bridge for GUEST with one
+# --device per DEVICE ("BB:DD.F=unix:PATH"), stderr appended to LOG, and wait
+# until it publishes state "running" in xenstore. Python has been seen to die
+# at start-up under TCG, so up to three attempts. Sets XDEV_BRIDGE_PID;
+# returns 1 if no attempt got there.
+xdev_bridge_start() {
+    _guest=$1
+    _log=$2
+    shift 2
+    _devs=
+    for _d in "$@"; do _devs="$_devs --device $_d"; done
+    for _attempt in 1 2 3; do
+        python3 -m bridge.cli --domain "$_guest" $_devs 2>> "$_log" &
+        XDEV_BRIDGE_PID=$!
+        _i=0
+        while [ $_i -lt 240 ]; do
+            _xdev_bridge_running && return 0
+            kill -0 $XDEV_BRIDGE_PID 2>/dev/null || break
+            sleep 0.5
+            _i=$((_i + 1))
+        done
+        _xdev_bridge_running && return 0
+        kill $XDEV_BRIDGE_PID 2>/dev/null
+        echo "xdev_bridge_start: attempt $_attempt failed" >&2
+    done
+    return 1
+}
+
+_xdev_bridge_running() {
+    xenstore-ls /local/domain/0/xdev 2>/dev/null | grep -q 'state = "running"'
+}

@@ -103,18 +103,8 @@ start_server() {
 start_server || exit 2
 xdev_guest_start td -p || exit 3
 log "created paused: $(xl list td | tail -n1)"
-for attempt in 1 2 3; do
-    python3 -m bridge.cli --domain td --device 00:05.0=unix:$SOCK \
-        2>> "$XDEV_RUN/bridge.log" &
-    bridge=$!
-    for i in $(seq 240); do
-        xenstore-ls /local/domain/0/xdev 2>/dev/null | grep -q 'state = "running"' && break
-        kill -0 $bridge 2>/dev/null || break
-        sleep 0.5
-    done
-    xenstore-ls /local/domain/0/xdev 2>/dev/null | grep -q 'state = "running"' && break
-    log "bridge attempt $attempt failed"
-done
+xdev_bridge_start td "$XDEV_RUN/bridge.log" "00:05.0=unix:$SOCK" || exit 8
+bridge=$XDEV_BRIDGE_PID
 log "bridge $bridge running"
 timeout 60 xl unpause td
 log "unpause status $? state: $(xl list td | tail -n1)"

@@ -91,20 +91,8 @@ kill -0 $server 2>/dev/null || exit 3
 log "sample $server up"
 # Paused, so that SeaBIOS assigns BAR2 like any other device's.
 xdev_guest_start gpio -p || exit 4
-running() { xenstore-ls /local/domain/0/xdev 2>/dev/null | grep -q 'state = "running"'; }
-for attempt in 1 2 3; do
-    python3 -m bridge.cli --domain gpio --device "00:05.0=unix:$SOCK" \
-        2>> "$XDEV_RUN/bridge.log" &
-    bridge=$!
-    for i in $(seq 240); do
-        running && break
-        kill -0 $bridge 2>/dev/null || break
-        sleep 0.5
-    done
-    running && break
-    log "bridge attempt $attempt failed"
-done
-running || { xl destroy gpio; exit 5; }
+xdev_bridge_start gpio "$XDEV_RUN/bridge.log" "00:05.0=unix:$SOCK" || { xl destroy gpio; exit 5; }
+bridge=$XDEV_BRIDGE_PID
 log "bridge $bridge running"
 timeout 60 xl unpause gpio
 log "unpaused ($?)"
