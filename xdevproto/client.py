@@ -317,14 +317,33 @@ class Client:
         return b"".join(self._access(_REGION_READ, index, offset + pos, min(step, count - pos))
                         for pos in range(0, count, step))
 
-    def region_write(self, index: int, offset: int, data: bytes) -> None:
+    def region_write(self, index: int, offset: int, data: bytes, *,
+                     posted: bool = False) -> None:
+        """Write a region. ``posted``: send with NO_REPLY and return at once,
+        as a CPU's MMIO write is posted; a later call's reply still comes
+        after the write took effect, since the server keeps order, but a
+        failed posted write is only the server's to log."""
+        write = self._post if posted else self._access
         if len(data) <= 8:
-            self._access(_REGION_WRITE, index, offset, len(data), bytes(data))
+            write(_REGION_WRITE, index, offset, len(data), bytes(data))
             return
         step = self.server_max_xfer
         for pos in range(0, max(len(data), 1), step):
             chunk = bytes(data[pos:pos + step])
-            self._access(_REGION_WRITE, index, offset + pos, len(chunk), chunk)
+            write(_REGION_WRITE, index, offset + pos, len(chunk), chunk)
+
+    def _post(self, command: int, index: int, offset: int, count: int, data: bytes) -> bytes:
+        if self._twin is None and self._service is None and self.guest is not None:
+            # Without a twin socket the server's DMA commands come on this
+            # socket; after a posted write nobody would read them until the
+            # next call, so a thread must.
+            self.start_dma_service()
+        with self._lock:
+            try:
+                self._sendall(self.conn.posted_write(offset, index, data))
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ConnectionClosed(f"server went away: {exc}") from None
+        return b""
 
     def _access(self, command: int, index: int, offset: int, count: int,
                 data: bytes = b"") -> bytes:

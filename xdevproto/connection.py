@@ -158,8 +158,8 @@ class NeedData(enum.Enum):
 
 
 NEED_DATA = NeedData.NEED_DATA
-#: (msg_id, command, offset, region, count, data) of a register access
-FastAccess = tuple[int, int, int, int, int, bytes]
+#: (msg_id, command, offset, region, count, data, no_reply) of a register access
+FastAccess = tuple[int, int, int, int, int, bytes, bool]
 Event = Request | Reply | InvalidMessage | NeedData
 
 
@@ -358,16 +358,16 @@ class Connection:
         if n < 32 or self._buf or self.state is not _READY or self.role is not _SERVER:
             return None
         msg_id, command, size, flags, error, offset, region, count = _unpack_hra(chunk, 0)
-        if size != n or flags or error or count > self.max_xfer:
+        if size != n or flags & ~_NO_REPLY or error or count > self.max_xfer:
             return None
-        if command == _REGION_READ and n == 32:
+        if command == _REGION_READ and n == 32 and not flags:
             body = b""
-        elif command == _REGION_WRITE and n == 32 + count:
+        elif command == _REGION_WRITE and n == 32 + count:  # NO_REPLY: a posted write
             body = bytes(chunk[32:])
         else:
             return None
         self._base += n
-        return msg_id, command, offset, region, count, body
+        return msg_id, command, offset, region, count, body, bool(flags)
 
     def region_reply(self, msg_id: int, command: int, offset: int, region: int, count: int,
                      data: bytes = b"") -> bytes:
@@ -384,14 +384,20 @@ class Connection:
         :meth:`expect_reply`."""
         if self.state is not _READY or self.role is not _CLIENT:
             raise LocalProtocolError("region access before negotiation or from a server")
-        msg_id = (self._next_id + 1) & 0xFFFF
-        if msg_id in self._pending:
-            msg_id = self._alloc_id()
-        self._next_id = msg_id
+        msg_id = self._alloc_id()
         return (msg_id,
                 _pack_hra(msg_id, command, 32 + len(data), 0, 0, offset, region, count) + data,
                 _pack_hra(msg_id, command, 32 + count if command == _REGION_READ else 32,
                           _REPLY, 0, offset, region, count))
+
+    def posted_write(self, offset: int, region: int, data: bytes) -> bytes:
+        """Client: a REGION_WRITE with NO_REPLY, as a CPU posts an MMIO write.
+        The server processes commands in order, so any later command's reply
+        comes after the write took effect; a failure is the server's to log."""
+        if self.state is not _READY or self.role is not _CLIENT:
+            raise LocalProtocolError("region access before negotiation or from a server")
+        return _pack_hra(self._alloc_id(), _REGION_WRITE, 32 + len(data), _NO_REPLY, 0,
+                         offset, region, len(data)) + data
 
     def expect_reply(self, msg_id: int, command: int) -> None:
         """Client: ``msg_id`` (from :meth:`region_request`) awaits its reply

@@ -346,20 +346,26 @@ class Session(DeviceContext):
         return b""
 
     def _serve_access(self, msg_id: int, command: int, offset: int, region: int, count: int,
-                      data: bytes) -> None:
+                      data: bytes, no_reply: bool) -> None:
         """The register-access shortcut (see Connection.fast_request): the
         hot path of every guest register access, so the reply goes straight to
         the socket rather than through Transport.send (a peer gone mid-send
-        surfaces as the OSError the loop expects)."""
+        surfaces as the OSError the loop expects). A posted write (NO_REPLY)
+        gets no reply, not even an error one."""
         try:
             out = self.conn.region_reply(msg_id, command, offset, region, count,
                                          self.access_region(command, offset, region, count,
                                                             data))
         except VfioUserError as exc:
+            if no_reply:
+                log.debug("posted write to region %d at %#x failed: %s", region, offset, exc)
+                return
             out = Connection.send_error(msg_id, command, exc.errno)
         except Exception:
             log.exception("device failed on a region access")
             out = Connection.send_error(msg_id, command, errno.EIO)
+        if no_reply:
+            return
         if self._twin is not None:
             # Workers send only on the twin socket: this thread is the main
             # socket's one sender.

@@ -142,6 +142,37 @@ def test_dma_from_worker_without_twin_socket(served) -> None:
             assert c.region_read(PciRegion.BAR0, 0, 4) == struct.pack("<I", ID_VALUE)
 
 
+def test_posted_writes_take_effect_in_order_and_fail_silently(served) -> None:
+    with Client.connect(served.path) as c:
+        for i in range(50):
+            c.region_write(PciRegion.BAR0, 4, struct.pack("<I", i), posted=True)
+        # The read's reply comes after every write before it took effect.
+        assert c.region_read(PciRegion.BAR0, 4, 4) == struct.pack("<I", 49)
+        # A refused posted write sends nothing back, not even an error, so
+        # the next call gets its own reply; a large one goes in pieces.
+        c.region_write(PciRegion.BAR0, BAR0_SIZE, b"\xff" * 4, posted=True)
+        c.region_write(PciRegion.BAR1, 0, b"x", posted=True)
+        big = os.urandom(BAR0_SIZE - BUF_OFF)
+        c.region_write(PciRegion.BAR0, BUF_OFF, big, posted=True)
+        assert c.region_read(PciRegion.BAR0, BUF_OFF, len(big)) == big
+        assert c.region_read(PciRegion.BAR0, 0, 4) == struct.pack("<I", ID_VALUE)
+
+
+def test_posted_write_whose_handler_does_message_dma_without_twin_socket(served) -> None:
+    """Without a twin socket, the DMA_READ a posted write's handler sends
+    comes on the main socket while the client makes no call: the client
+    must answer it, or the server waits forever (here: no further call is
+    made until the copy is seen)."""
+    with MemfdRam(1 << 16) as ram, Client.connect(served.path, guest=ram,
+                                                  twin_socket=False) as c:
+        c.dma_map(0, 1 << 16)  # message DMA only
+        ram.write(0x300, b"posted!!")
+        c.region_write(PciRegion.BAR0, 0x08, struct.pack("<QI", 0x300, 8))
+        c.region_write(PciRegion.BAR0, 0x14, struct.pack("<I", 1), posted=True)
+        wait_for(lambda: served.device.regs[BUF_OFF:BUF_OFF + 8] == b"posted!!")
+        assert c.region_read(PciRegion.BAR0, 0x18, 4) == b"\0\0\0\0"
+
+
 def test_interrupts_on_eventfds(served) -> None:
     with Client.connect(served.path) as c:
         efds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(4)]

@@ -631,7 +631,13 @@ def test_fast_region_paths_equal_general_paths() -> None:
     msg_id, fast, expect = client.region_request(Command.REGION_WRITE, 0x20, 2, 4, b"abcd")
     assert fast == wire.encode_message(msg_id, Command.REGION_WRITE, 0,
                                        RegionAccess(0x20, 2, 4, b"abcd").encode())
-    assert server.fast_request(fast) == (msg_id, 10, 0x20, 2, 4, b"abcd")
+    assert server.fast_request(fast) == (msg_id, 10, 0x20, 2, 4, b"abcd", False)
+    # A posted write is the same command with NO_REPLY, and is taken as one.
+    posted = client.posted_write(0x20, 2, b"abcd")
+    assert posted == wire.encode_message(msg_id + 1, Command.REGION_WRITE,
+                                         wire.HeaderFlags.NO_REPLY,
+                                         RegionAccess(0x20, 2, 4, b"abcd").encode())
+    assert server.fast_request(posted) == (msg_id + 1, 10, 0x20, 2, 4, b"abcd", True)
     _, server2 = negotiated_pair()
     server2.receive_data(fast)
     ev = server2.next_event()
@@ -666,7 +672,8 @@ def test_fast_region_paths_equal_general_paths() -> None:
 def test_fast_request_declines_what_needs_checks() -> None:
     _, server = negotiated_pair()
     bad = [
-        wire.encode_message(1, 9, 0x10, RegionAccess(0, 0, 4).encode()),  # NO_REPLY
+        wire.encode_message(1, 9, 0x10, RegionAccess(0, 0, 4).encode()),  # a read, NO_REPLY
+        wire.encode_message(1, 10, 0x20, RegionAccess(0, 0, 1, b"a").encode()),  # ERROR bit
         wire.encode_message(1, 10, 0, RegionAccess(0, 0, 4, b"ab").encode()),  # short data
         wire.encode_message(1, 9, 0, RegionAccess(0, 0, 1 << 21).encode()),  # over max
         wire.encode_message(1, 4, 0, DeviceInfo(16, 0, 0, 0).encode()),
