@@ -446,7 +446,10 @@ class BridgeDevice:
             if table is not None:
                 self.msix.table[table:table + size] = data
                 self._flush_msix_pending()
-        self._call(lambda c: c.region_write(bar.index, offset, data))
+        # A memory write is posted (PCI ordering): the guest's vCPU goes on
+        # while the server works, and the server's order keeps any later
+        # read behind it. I/O writes are non-posted on PCI and wait.
+        self._call(lambda c: c.region_write(bar.index, offset, data, posted=not bar.io))
 
     def _msix_hit(self, bar: Bar, offset: int, size: int) -> int | None:
         m = self.msix

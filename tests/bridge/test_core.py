@@ -118,6 +118,45 @@ def test_bar_sizing_claims_and_forwarding(rig) -> None:
     assert bridge.config_read(parse_bdf("00:06.0"), 0, 4) == 0xFFFFFFFF
 
 
+def test_memory_writes_are_posted_config_writes_wait(rig) -> None:
+    """A guest's MMIO write completes before the server has handled it
+    (posted, as on PCI); a config write waits for the server's answer."""
+    bridge, dev, front, served, _ = rig
+    bridge.config_write(SBDF, 0x10, 4, 0xE000_0000)
+    bridge.config_write(SBDF, 0x04, 2, 0x0002)
+    handled = served.device.region_write
+    gates: list[threading.Event] = []
+
+    def held(index: int, offset: int, data: bytes) -> None:
+        gate = threading.Event()
+        gates.append(gate)
+        gate.wait(10)
+        handled(index, offset, data)
+
+    def in_thread(fn) -> threading.Event:
+        done = threading.Event()
+        threading.Thread(target=lambda: (fn(), done.set()), daemon=True).start()
+        return done
+
+    served.device.region_write = held  # type: ignore[method-assign]
+    try:
+        done = in_thread(lambda: bridge.mmio_write(0xE000_0004, 4, 0xCAFE))
+        wait_for(lambda: gates and done.is_set())  # answered while the server holds it
+        gates.pop().set()
+        done = in_thread(lambda: bridge.config_write(SBDF, 0x0C, 1, 0x10))
+        wait_for(lambda: gates)  # the server has it and holds it ...
+        time.sleep(0.2)
+        assert not done.is_set()  # ... and the guest's access waits
+        gates.pop().set()
+        wait_for(done.is_set)
+    finally:
+        for gate in gates:
+            gate.set()
+        served.device.region_write = handled  # type: ignore[method-assign]
+    # The read is served after the posted write took effect.
+    assert bridge.mmio_read(0xE000_0004, 4) == 0xCAFE
+
+
 def test_msi_delivered_with_guest_address_and_masks(rig) -> None:
     bridge, dev, front, served, _ = rig
     bridge.config_write(SBDF, 0x44, 4, 0xFEE0_0000)
