@@ -5,8 +5,9 @@
 An ``xdev-ahci`` server process serves a raw image; this process is the
 driver: it maps memfd guest RAM into the server (DMA_MAP with an fd, so disk
 data moves by ``preadv``/``pwritev`` straight into guest memory), programs
-the HBA through REGION_READ/WRITE over the real vfio-user socket, and takes
-completions as MSI eventfd signals.
+the HBA through REGION_READ/WRITE over the real vfio-user socket (writes
+posted with NO_REPLY, as a CPU posts MMIO writes), and takes completions as
+MSI eventfd signals.
 
 Figures:
 * ``seq_read_mb_per_s`` / ``seq_write_mb_per_s``: 4 MiB READ/WRITE FPDMA
@@ -91,7 +92,8 @@ class Hba:
         return int.from_bytes(self.c.region_read(PciRegion.BAR5, off, 4), "little")
 
     def wr(self, off: int, value: int) -> None:
-        self.c.region_write(PciRegion.BAR5, off, value.to_bytes(4, "little"))
+        # Posted, as a CPU's MMIO writes are: the next read still sees it.
+        self.c.region_write(PciRegion.BAR5, off, value.to_bytes(4, "little"), posted=True)
 
     def build(self, tag: int, lba: int, sectors: int, write: bool) -> None:
         table = CT + tag * 0x1000
