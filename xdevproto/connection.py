@@ -350,23 +350,26 @@ class Connection:
     # the general buffering. Anything else returns None and the caller feeds
     # the chunk through receive_data(); tests prove both paths agree.
 
-    def fast_request(self, chunk: bytes | memoryview) -> FastAccess | None:
-        """Server: ``chunk`` as (msg_id, command, offset, region, count, data)
-        if it is exactly one valid REGION_READ/REGION_WRITE; else None and
-        nothing is consumed."""
+    def fast_request(self, chunk: bytes | memoryview, *,
+                     prefix: bool = False) -> FastAccess | None:
+        """Server: ``chunk`` as (msg_id, command, offset, region, count, data,
+        no_reply) if it is exactly one valid REGION_READ/REGION_WRITE (with
+        ``prefix``: if it starts with one, which is consumed; its length is
+        32 plus that of ``data``); else None and nothing is consumed."""
         n = len(chunk)
         if n < 32 or self._buf or self.state is not _READY or self.role is not _SERVER:
             return None
         msg_id, command, size, flags, error, offset, region, count = _unpack_hra(chunk, 0)
-        if size != n or flags & ~_NO_REPLY or error or count > self.max_xfer:
+        if (size > n if prefix else size != n) or flags & ~_NO_REPLY or error \
+                or count > self.max_xfer:
             return None
-        if command == _REGION_READ and n == 32 and not flags:
+        if command == _REGION_READ and size == 32 and not flags:
             body = b""
-        elif command == _REGION_WRITE and n == 32 + count:  # NO_REPLY: a posted write
-            body = bytes(chunk[32:])
+        elif command == _REGION_WRITE and size == 32 + count:  # NO_REPLY: a posted write
+            body = bytes(chunk[32:size])
         else:
             return None
-        self._base += n
+        self._base += size
         return msg_id, command, offset, region, count, body, bool(flags)
 
     def region_reply(self, msg_id: int, command: int, offset: int, region: int, count: int,

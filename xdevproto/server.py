@@ -273,10 +273,22 @@ class Session(DeviceContext):
                 if not conn._buf:
                     data, fds = recv()
                     # Only this thread consumes input, so the shortcut
-                    # needs no lock (workers only send).
-                    fast = None if fds else fast_request(data)
-                    if fast is not None:
+                    # needs no lock (workers only send). A client that posts
+                    # writes sends several accesses at once: take each.
+                    served = False
+                    while not fds and (fast := fast_request(data, prefix=True)) is not None:
+                        data = data[32 + len(fast[5]):]
+                        if data and self._twin is None:
+                            # The access may wait for a DMA reply on this
+                            # socket: what follows it waits in the buffer.
+                            with lock:
+                                conn.receive_data(data)
+                            data = data[:0]
                         serve_access(*fast)
+                        served = True
+                        if not data:
+                            break
+                    if served and not data:
                         continue
                     with lock:
                         conn.receive_data(data, fds)

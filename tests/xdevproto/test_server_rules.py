@@ -431,6 +431,41 @@ def test_dma_write_reply_variants(served: Served, raw: Raw, reply: bytes) -> Non
     assert dma_status(raw) == 0
 
 
+NO_REPLY = 0x10
+
+
+def test_accesses_arriving_together_keep_order_and_framing(served: Served, raw: Raw) -> None:
+    """A client posting writes sends several accesses at once, possibly the
+    start of the next. Here the first one's handler waits for DMA on this
+    socket (no twin socket): the rest of the read arrives with the DMA
+    reply, and everything is still taken in order, whole."""
+    hdr, _ = raw.call(msg(10, Command.DMA_MAP, struct.pack("<IIQQQ", 32, 3, 0, 0, 1 << 16)))
+    assert hdr.flags == REPLY
+    raw.call(msg(11, Command.REGION_WRITE,
+                 struct.pack("<QII", 0x08, 0, 12) + struct.pack("<QI", 0x100, 4)))
+    read = msg(14, Command.REGION_READ, struct.pack("<QII", 4, 0, 4))
+    raw.send(msg(12, Command.REGION_WRITE, struct.pack("<QII", 0x14, 0, 4)
+                 + struct.pack("<I", 1), flags=NO_REPLY)
+             + msg(13, Command.REGION_WRITE, struct.pack("<QII", 4, 0, 4) + b"late",
+                   flags=NO_REPLY)
+             + read[:10])
+    hdr, body, _ = raw.recv()
+    assert hdr.command == Command.DMA_READ and body == struct.pack("<QQ", 0x100, 4)
+    raw.send(read[10:] + msg(hdr.msg_id, Command.DMA_READ, body + b"abcd", flags=REPLY))
+    hdr, body, _ = raw.recv()
+    assert (hdr.msg_id, hdr.flags) == (14, REPLY) and body[16:] == b"late"
+    assert served.device.regs[BUF_OFF:BUF_OFF + 4] == b"abcd"
+    assert dma_status(raw) == 0
+
+
+def test_many_posted_writes_in_one_send(served: Served) -> None:
+    with Client.connect(served.path) as c:
+        burst = b"".join(c.conn.posted_write(4, 0, struct.pack("<I", i)) for i in range(200))
+        c.transport.sock.sendall(burst)
+        assert c.region_read(0, 4, 4) == struct.pack("<I", 199)
+        assert c.region_read(0, 0, 4) == struct.pack("<I", ID_VALUE)
+
+
 def test_bad_dma_reply_hangs_up(served: Served, raw: Raw) -> None:
     start_dma(raw, 1)
     hdr, _, _ = raw.recv()
