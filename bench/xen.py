@@ -198,6 +198,17 @@ def figures(raw: dict[str, list[tuple[float, float]]]) -> dict[str, float | None
     return out
 
 
+def per_round(raw: dict[str, list[tuple[float, float]]]) -> dict[str, list[float]]:
+    """Each round's rate, named like the figures (``xdev_seq_read_mb_per_s``)."""
+    out: dict[str, list[float]] = {}
+    for stem, mode in FIGURES.items():
+        scale = (1 << 20) / 1e6 if mode in ("seqread", "seqwrite") else 1.0
+        for who in ("xdev", "qemu"):
+            out[f"{who}_{stem}"] = [round(o / s * scale, 2) if s > 0 else 0.0
+                                    for o, s in raw.get(f"{who}-{mode}", [])]
+    return out
+
+
 def run_bench(seconds: float, rounds: int, size_mb: int, timeout: float,
               foreign_dma: bool = True) -> tuple[dict, RunResult]:
     host = EmuHost()
@@ -228,6 +239,9 @@ def run_bench(seconds: float, rounds: int, size_mb: int, timeout: float,
         # xdev-ahci maps the guest itself (bridge's xdev extension) or goes by messages
         "xdev_dma": "xen-foreign" if foreign_dma else "messages",
         **figures(parse_results(serial)),
+        # Each round's figures, so that a stall in one round (seen on both
+        # sides under TCG) can be told from a steady difference.
+        "per_round": per_round(parse_results(serial)),
         "targets": TARGETS,
         "run_seconds": round(elapsed, 1),
         # Anything else busy on this machine (another emulated host) skews
@@ -248,7 +262,7 @@ def main() -> int:
     ap.add_argument("--json", help="write the figures to this file")
     ap.add_argument("--seconds", type=float, default=5.0,
                     help="per figure, device and round (default 5)")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds, alternating order (default 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, alternating order (default 3)")
     ap.add_argument("--size-mb", type=int, default=64, help="each disk's size (default 64)")
     ap.add_argument("--timeout", type=float, default=1800,
                     help="bound on the dom0 job in seconds (default 1800)")
