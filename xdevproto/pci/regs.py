@@ -163,6 +163,10 @@ class RegisterLayout:
         self._first: dict[str, int] = {}
         for s in self.slots:
             self._first.setdefault(s.reg.name, s.number)
+        #: "NAME" and ("NAME", index) -> slot number: the device side's lookups
+        self.keys: dict[str | tuple[str, int], int] = {
+            (s.reg.name, s.index): s.number for s in self.slots}
+        self.keys.update(self._first)
 
     def slot(self, name: str, index: int = 0) -> int:
         """The slot number of ``name[index]`` (for fast device-side access)."""
@@ -200,16 +204,23 @@ class RegisterFile:
         # the hot path needs nothing but these
         self._exact = layout.exact
         self._slots = layout.slots
+        self._keys = layout.keys
 
     # -- device-side access (no hooks, no side effects) ------------------------------
     def __getitem__(self, key: str | tuple[str, int]) -> int:
-        name, index = (key, 0) if isinstance(key, str) else key
-        return self.values[self.layout.slot(name, index)]
+        n = self._keys.get(key)
+        return self.values[self._slot_of(key) if n is None else n]
 
     def __setitem__(self, key: str | tuple[str, int], value: int) -> None:
-        name, index = (key, 0) if isinstance(key, str) else key
-        n = self.layout.slot(name, index)
+        n = self._keys.get(key)
+        if n is None:
+            n = self._slot_of(key)
         self.values[n] = value & self._slots[n].full
+
+    def _slot_of(self, key: str | tuple[str, int]) -> int:
+        """The slot of a key the table lacks: raises KeyError or IndexError."""
+        name, index = (key, 0) if isinstance(key, str) else key
+        return self.layout.slot(name, index)
 
     def reset(self) -> None:
         """Every register back to its declared reset value."""

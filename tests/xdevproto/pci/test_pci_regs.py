@@ -174,6 +174,18 @@ def test_arrays(rf: tuple[RegisterFile, Owner]) -> None:
     assert LAYOUT.slots[LAYOUT.slot("ARR", 2)].name == "ARR[2]"
     with pytest.raises(IndexError):
         LAYOUT.slot("ARR", 4)
+    # The device side's lookups: by name (element 0) or (name, index), and
+    # the same refusals for an index or name the layout lacks.
+    f["ARR"] = 7
+    assert f["ARR", 0] == 7 and f.values[LAYOUT.slot("ARR", 0)] == 7
+    f["ARR", 3] = 1 << 40
+    assert f["ARR", 3] == (1 << 40) & LAYOUT.slots[LAYOUT.slot("ARR", 3)].full
+    with pytest.raises(IndexError):
+        f["ARR", 4]
+    with pytest.raises(IndexError):
+        f["ARR", 4] = 1
+    with pytest.raises(KeyError):
+        f["NOPE"]
 
 
 def test_reset_restores_declared_values(rf: tuple[RegisterFile, Owner]) -> None:
