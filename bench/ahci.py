@@ -65,6 +65,7 @@ class Hba:
 
     def __init__(self, client: Client, ram: MemfdRam) -> None:
         self.c, self.ram = client, ram
+        self._prdt: dict[int, tuple[int, bytes]] = {}  # tag -> (bytes, the PRDT in memory)
         client.dma_map(0, RAM, fd=ram.fd)
         self.efd = os.eventfd(0)
         client.set_irqs(IrqIndex.MSI, SetIrqsFlags.ACTION_TRIGGER, fds=[self.efd])
@@ -102,14 +103,18 @@ class Hba:
                      lba & 0xFF, lba >> 8 & 0xFF, lba >> 16 & 0xFF, 0x40,
                      lba >> 24 & 0xFF, lba >> 32 & 0xFF, 0, sectors >> 8 & 0xFF,
                      tag << 3, 0, 0, 0, 0, 0, 0, 0))
-        buf = DATA + tag * max(nbytes, 1 << 20)
-        step = 64 << 10  # PRDs of 64 KiB, as a driver with large pages might build
-        prds = b"".join(struct.pack("<IIII", buf + o, 0, 0, min(step, nbytes - o) - 1)
-                        for o in range(0, nbytes, step))
-        self.ram.write(table, fis.ljust(0x80, b"\0") + prds)
+        size, prds = self._prdt.get(tag, (0, b""))
+        if size != nbytes:  # a tag's buffer stays the same: its list changes with the size
+            buf = DATA + tag * max(nbytes, 1 << 20)
+            step = 64 << 10  # PRDs of 64 KiB, as a driver with large pages might build
+            prds = b"".join(struct.pack("<IIII", buf + o, 0, 0, min(step, nbytes - o) - 1)
+                            for o in range(0, nbytes, step))
+            self._prdt[tag] = nbytes, prds
+            self.ram.write(table + 0x80, prds)
+        self.ram.write(table, fis)
         header = struct.pack("<IIII", 5 | (0x40 if write else 0) | (len(prds) // 16) << 16, 0,
                              table, 0)
-        self.ram.write(CLB + tag * 32, header.ljust(32, b"\0"))
+        self.ram.write(CLB + tag * 32, header)
 
     def issue(self, tags: int) -> None:
         self.wr(P0 + PxSACT, tags)
