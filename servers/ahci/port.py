@@ -279,11 +279,12 @@ class Port:
         header = F.CommandHeader.parse(dma.read(clb + slot * F.CMD_HEADER_SIZE, 16))
         if not 5 <= header.cfl <= 16:
             raise F.BadCommand(f"command FIS length {header.cfl} dwords")
-        h2d = F.H2D.parse(dma.read(header.ctba, header.cfl * 4))
+        # The whole table in one read: FIS, ATAPI command, PRDT.
+        table = dma.read(header.ctba, F.CMD_TABLE_PRDT + header.prdtl * F.PRD_SIZE)
+        h2d = F.H2D.parse(table[:header.cfl * 4])
         packet = header.atapi or h2d.tf.command == Cmd.PACKET
-        cdb = dma.read(header.ctba + F.CMD_TABLE_ACMD, 16) if packet else b""
-        prdt = dma.read(header.ctba + F.CMD_TABLE_PRDT, header.prdtl * F.PRD_SIZE)
-        sg, irq = F.parse_prdt(prdt)
+        cdb = table[F.CMD_TABLE_ACMD:F.CMD_TABLE_ACMD + 16] if packet else b""
+        sg, irq = F.parse_prdt(table[F.CMD_TABLE_PRDT:])
         return Command(slot, header, h2d, cdb, sg, irq)
 
     def _fetched(self, gen: int, slot: int, fetched: Fetched | None,
