@@ -53,8 +53,14 @@ def execute(req: Ioreq, handler: IoHandler, memory: GuestMemory | None) -> int |
     """
     if req.type not in (IoreqType.PIO, IoreqType.COPY, IoreqType.PCI_CONFIG):
         raise ValueError(f"{req.type.name} is handled by the ioreq server")
-    read, write = _element_access(req, handler)
     mask = size_mask(req.size)
+    if req.count == 1 and not req.data_is_ptr and req.type is IoreqType.COPY:
+        # A plain register access, nearly every request: no per-element machinery.
+        if req.dir is IoreqDir.READ:
+            return handler.mmio_read(req.addr, req.size) & mask
+        handler.mmio_write(req.addr, req.size, req.data & mask)
+        return None
+    read, write = _element_access(req, handler)
     if req.data_is_ptr and memory is None:
         raise GuestMemoryError(req.data, req.size * req.count, "no guest memory mapping")
     result: int | None = None
