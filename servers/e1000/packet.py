@@ -40,14 +40,24 @@ def inet_sum(data: Buf, start: int = 0) -> int:
     Since 2**16 is 1 modulo 0xFFFF, the words' end-around-carry sum is the
     whole buffer read as one big number modulo 0xFFFF (RFC 1071 section 2),
     which int.from_bytes computes in C; only 0 versus 0xFFFF needs care."""
-    b = bytes(data)
-    if len(b) & 1:
-        b += b"\0"
-    n = int.from_bytes(b, "big")
-    folded = n % 0xFFFF
+    n = int.from_bytes(data, "big")
+    folded = n % 0xFFFF * _pad_factor(len(data)) % 0xFFFF
     if folded == 0 and n:
         folded = 0xFFFF
     return start + folded
+
+
+def _pad_factor(length: int) -> int:
+    """2**(8 * length) modulo 0xFFFF: what a number's residue is multiplied
+    by when ``length`` bytes are appended to it, and so (for length 1) the
+    zero byte that pads an odd-sized buffer to whole words."""
+    return 256 if length & 1 else 1
+
+
+def _residue(data: Buf) -> int:
+    """``data`` as one big-endian number modulo 0xFFFF, unpadded: residues
+    of adjacent pieces combine as ``r(a + b) = r(a) * _pad_factor(len(b)) + r(b)``."""
+    return int.from_bytes(data, "big") % 0xFFFF
 
 
 def fold(total: int) -> int:
@@ -285,11 +295,11 @@ def rx_checksum(frame: bytes, rxcsum: int) -> tuple[int, int, int]:
     "ignore checksum" (IXSM). ``frame`` is untagged.
 
     Summing a frame is the costly part, so each byte is summed once: the
-    packet checksum (from PCSS to the end) reuses the TCP/UDP segment's sum
-    when the segment starts at an even offset after PCSS."""
+    packet checksum (from PCSS to the end) reuses the TCP/UDP segment's
+    residue (see :func:`_residue`) wherever the segment lies after PCSS."""
     pcss = rxcsum & 0xFF
     status = errors = 0
-    l4_span: tuple[int, int, int] | None = None  # (start, end, sum)
+    l4_span: tuple[int, int, int] | None = None  # (start, end, residue)
     if not rxcsum & (RXCSUM_IPOFL | RXCSUM_TUOFL):
         status = RXD_STAT_IXSM
     elif len(frame) >= ETH_HLEN + 20 and frame[12:14] == b"\x08\x00":
@@ -298,39 +308,45 @@ def rx_checksum(frame: bytes, rxcsum: int) -> tuple[int, int, int]:
 
 
 def _ipv4_checks(frame: bytes, rxcsum: int) -> tuple[int, int, tuple[int, int, int] | None]:
+    """IPv4 header and TCP/UDP checksums. Each sum checked here includes a
+    nonzero word (the IP version, the protocol), so it folds to 0xFFFF,
+    the good value, exactly when its residue is 0."""
     status = errors = 0
     ihl = (frame[ETH_HLEN] & 0x0F) * 4
     if frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or ETH_HLEN + ihl > len(frame):
         return status, errors, None
-    ip = frame[ETH_HLEN:ETH_HLEN + ihl]
     if rxcsum & RXCSUM_IPOFL:
         status |= RXD_STAT_IPCS
-        if fold(inet_sum(ip)) != 0xFFFF:
+        if _residue(frame[ETH_HLEN:ETH_HLEN + ihl]):
             errors |= RXD_ERR_IPE
-    total = struct.unpack_from(">H", ip, 2)[0]
-    proto = ip[9]
-    fragmented = struct.unpack_from(">H", ip, 6)[0] & 0x3FFF
+    total, _, fragment, _, proto = struct.unpack_from(">HHHBB", frame, ETH_HLEN + 2)
     start, end = ETH_HLEN + ihl, ETH_HLEN + total
-    if not (rxcsum & RXCSUM_TUOFL and proto in (6, 17) and not fragmented
+    if not (rxcsum & RXCSUM_TUOFL and proto in (6, 17) and not fragment & 0x3FFF
             and start + 8 <= end <= len(frame)):
         return status, errors, None
-    l4 = frame[start:end]
-    l4_sum = inet_sum(l4)
-    if proto == 17 and l4[6:8] == b"\0\0":
-        return status, errors, (start, end, l4_sum)  # UDP without checksum
-    pseudo = ip[12:20] + struct.pack(">HH", proto, len(l4))
+    l4 = _residue(frame[start:end])
+    if proto == 17 and frame[start + 6:start + 8] == b"\0\0":
+        return status, errors, (start, end, l4)  # UDP without checksum
+    # The pseudo header: source and destination address, protocol, length.
+    pseudo = _residue(frame[ETH_HLEN + 12:ETH_HLEN + 20]) + proto + end - start
     status |= RXD_STAT_TCPCS
-    if fold(inet_sum(pseudo, l4_sum)) != 0xFFFF:
+    if (l4 * _pad_factor(end - start) + pseudo) % 0xFFFF:
         errors |= RXD_ERR_TCPE
-    return status, errors, (start, end, l4_sum)
+    return status, errors, (start, end, l4)
 
 
 def _packet_sum(frame: bytes, pcss: int, l4_span: tuple[int, int, int] | None) -> int:
     """The ones'-complement sum from PCSS to the end (the descriptor's checksum field)."""
-    if pcss >= len(frame):
+    size = len(frame) - pcss
+    if size <= 0:
         return 0
-    if l4_span is not None:
-        start, end, l4_sum = l4_span
-        if pcss <= start and (start - pcss) % 2 == 0 and (end - start) % 2 == 0:
-            return fold(inet_sum(frame[pcss:start], l4_sum) + inet_sum(frame[end:]))
-    return fold(inet_sum(frame[pcss:]))
+    if l4_span is not None and pcss <= l4_span[0]:
+        start, end, l4 = l4_span
+        total = ((_residue(frame[pcss:start]) * _pad_factor(end - start) + l4)
+                 * _pad_factor(len(frame) - end) + _residue(frame[end:]))
+    else:
+        total = _residue(frame[pcss:])
+    total = total * _pad_factor(size) % 0xFFFF
+    if total == 0 and any(frame[pcss:]):
+        return 0xFFFF  # a nonzero sum that is 0 modulo 0xFFFF
+    return total
