@@ -6,8 +6,9 @@ and receive engines live in :mod:`.tx` and :mod:`.rx`, packet logic in
 
 BAR0 is 128 KiB of registers (the layout in :mod:`.regs`), BAR1 a 64-byte
 I/O window (IOADDR at 0, IODATA at 4, SDM 13.2.2), INTx pin A, a power
-management capability. Frames arrive from the back end's thread and are
-stored under the device lock; time comes from :class:`~.timers.Timers`.
+management capability. Frames arrive from the back end's thread, in
+batches, and are stored under the device lock; time comes from
+:class:`~.timers.Timers`.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class E1000Device(PciDevice):
         self.rx = Receiver(self)
         self._reset_nic()
         self.set_partner(backend.link_up)
-        backend.start(self.receive, self.set_partner)
+        backend.start(self.receive_frames, self.set_partner)
 
     def close(self) -> None:
         self.backend.close()
@@ -274,9 +275,14 @@ class E1000Device(PciDevice):
         return self._filter
 
     def receive(self, frame: bytes) -> bool:
-        """A frame from the wire (back end thread); False if dropped."""
+        """A frame from the wire; False if dropped."""
+        return self.receive_frames((frame,)) == 1
+
+    def receive_frames(self, frames: Sequence[bytes]) -> int:
+        """Frames from the wire, in order (back end thread): stored under
+        one acquisition of the lock. Returns how many were stored."""
         with self.lock:
-            return self.rx.receive(frame)
+            return self.rx.receive(frames)
 
     def set_partner(self, up: bool) -> None:
         """The back end's link went up or down."""

@@ -226,6 +226,6 @@ class Transmitter:
 
     def _deliver_loopback(self) -> None:
         frames, self.loopback = self.loopback, []
-        for frame in frames:
-            self.nic.rx.receive(frame)
+        if frames:
+            self.nic.rx.receive(frames)
 

@@ -41,8 +41,14 @@ class CaptureBackend(Backend):
         self.sent.append(frame)
         return True
 
-    def inject(self, frame: bytes) -> object:
-        return self.on_frame(frame)
+    def inject(self, frame: bytes) -> bool:
+        """One frame from the wire; whether the NIC stored it."""
+        return bool(self.on_frames([frame]))
+
+    def inject_batch(self, frames: list[bytes]) -> object:
+        """Frames arriving together, as a back end hands them over; the
+        NIC's answer (how many it stored)."""
+        return self.on_frames(frames)
 
 
 class Driver:
