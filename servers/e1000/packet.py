@@ -41,23 +41,10 @@ def inet_sum(data: Buf, start: int = 0) -> int:
     whole buffer read as one big number modulo 0xFFFF (RFC 1071 section 2),
     which int.from_bytes computes in C; only 0 versus 0xFFFF needs care."""
     n = int.from_bytes(data, "big")
-    folded = n % 0xFFFF * _pad_factor(len(data)) % 0xFFFF
+    folded = (n << 8 if len(data) & 1 else n) % 0xFFFF  # the pad byte
     if folded == 0 and n:
         folded = 0xFFFF
     return start + folded
-
-
-def _pad_factor(length: int) -> int:
-    """2**(8 * length) modulo 0xFFFF: what a number's residue is multiplied
-    by when ``length`` bytes are appended to it, and so (for length 1) the
-    zero byte that pads an odd-sized buffer to whole words."""
-    return 256 if length & 1 else 1
-
-
-def _residue(data: Buf) -> int:
-    """``data`` as one big-endian number modulo 0xFFFF, unpadded: residues
-    of adjacent pieces combine as ``r(a + b) = r(a) * _pad_factor(len(b)) + r(b)``."""
-    return int.from_bytes(data, "big") % 0xFFFF
 
 
 def fold(total: int) -> int:
@@ -296,13 +283,16 @@ def rx_checksum(frame: bytes, rxcsum: int) -> tuple[int, int, int]:
 
     Summing a frame is the costly part, so each byte is summed once: the
     packet checksum (from PCSS to the end) reuses the TCP/UDP segment's
-    residue (see :func:`_residue`) wherever the segment lies after PCSS."""
+    sum wherever the segment lies after PCSS. Pieces of a buffer read as
+    big-endian numbers combine modulo 0xFFFF like the buffer itself (see
+    :func:`inet_sum`): appending ``k`` bytes multiplies by 2**(8k), which
+    is 1 for even ``k`` and 256 (``<< 8``) for odd ``k``."""
     pcss = rxcsum & 0xFF
     status = errors = 0
-    l4_span: tuple[int, int, int] | None = None  # (start, end, residue)
+    l4_span: tuple[int, int, int] | None = None  # (start, end, segment modulo 0xFFFF)
     if not rxcsum & (RXCSUM_IPOFL | RXCSUM_TUOFL):
         status = RXD_STAT_IXSM
-    elif len(frame) >= ETH_HLEN + 20 and frame[12:14] == b"\x08\x00":
+    elif len(frame) >= ETH_HLEN + 20 and frame[12] == 0x08 and frame[13] == 0x00:
         status, errors, l4_span = _ipv4_checks(frame, rxcsum)
     return status, errors, _packet_sum(frame, pcss, l4_span)
 
@@ -310,29 +300,29 @@ def rx_checksum(frame: bytes, rxcsum: int) -> tuple[int, int, int]:
 def _ipv4_checks(frame: bytes, rxcsum: int) -> tuple[int, int, tuple[int, int, int] | None]:
     """IPv4 header and TCP/UDP checksums. Each sum checked here includes a
     nonzero word (the IP version, the protocol), so it folds to 0xFFFF,
-    the good value, exactly when its residue is 0."""
+    the good value, exactly when it is 0 modulo 0xFFFF."""
     status = errors = 0
     ihl = (frame[ETH_HLEN] & 0x0F) * 4
     if frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or ETH_HLEN + ihl > len(frame):
         return status, errors, None
     if rxcsum & RXCSUM_IPOFL:
         status |= RXD_STAT_IPCS
-        if _residue(frame[ETH_HLEN:ETH_HLEN + ihl]):
+        if int.from_bytes(frame[ETH_HLEN:ETH_HLEN + ihl], "big") % 0xFFFF:
             errors |= RXD_ERR_IPE
     total, _, fragment, _, proto = struct.unpack_from(">HHHBB", frame, ETH_HLEN + 2)
     start, end = ETH_HLEN + ihl, ETH_HLEN + total
     if not (rxcsum & RXCSUM_TUOFL and proto in (6, 17) and not fragment & 0x3FFF
             and start + 8 <= end <= len(frame)):
         return status, errors, None
-    l4 = _residue(frame[start:end])
-    if proto == 17 and frame[start + 6:start + 8] == b"\0\0":
-        return status, errors, (start, end, l4)  # UDP without checksum
+    segment = int.from_bytes(frame[start:end], "big") % 0xFFFF
+    if proto == 17 and not (frame[start + 6] or frame[start + 7]):
+        return status, errors, (start, end, segment)  # UDP without checksum
     # The pseudo header: source and destination address, protocol, length.
-    pseudo = _residue(frame[ETH_HLEN + 12:ETH_HLEN + 20]) + proto + end - start
+    pseudo = int.from_bytes(frame[ETH_HLEN + 12:ETH_HLEN + 20], "big") + proto + end - start
     status |= RXD_STAT_TCPCS
-    if (l4 * _pad_factor(end - start) + pseudo) % 0xFFFF:
+    if ((segment << 8 if (end - start) & 1 else segment) + pseudo) % 0xFFFF:  # odd: padded
         errors |= RXD_ERR_TCPE
-    return status, errors, (start, end, l4)
+    return status, errors, (start, end, segment)
 
 
 def _packet_sum(frame: bytes, pcss: int, l4_span: tuple[int, int, int] | None) -> int:
@@ -341,12 +331,14 @@ def _packet_sum(frame: bytes, pcss: int, l4_span: tuple[int, int, int] | None) -
     if size <= 0:
         return 0
     if l4_span is not None and pcss <= l4_span[0]:
-        start, end, l4 = l4_span
-        total = ((_residue(frame[pcss:start]) * _pad_factor(end - start) + l4)
-                 * _pad_factor(len(frame) - end) + _residue(frame[end:]))
+        start, end, segment = l4_span
+        n = int.from_bytes(frame[pcss:start], "big")
+        n = (n << 8 if (end - start) & 1 else n) + segment
+        if end < len(frame):
+            n = (n << 8 if (len(frame) - end) & 1 else n) + int.from_bytes(frame[end:], "big")
     else:
-        total = _residue(frame[pcss:])
-    total = total * _pad_factor(size) % 0xFFFF
+        n = int.from_bytes(frame[pcss:], "big")
+    total = (n << 8 if size & 1 else n) % 0xFFFF  # the pad byte
     if total == 0 and any(frame[pcss:]):
         return 0xFFFF  # a nonzero sum that is 0 modulo 0xFFFF
     return total
