@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -151,14 +152,14 @@ def _readable(fd: int, timeout: float) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
 
 
-def _drain(read: Callable[[], bytes], fd: int, timeout: float) -> list[bytes]:
-    """Frames from a non-blocking ``read`` of one frame each: up to
-    RX_BATCH of those already waiting, or, when none is, the first to come
-    within ``timeout``. Trying before waiting saves a select per batch."""
+def _drain(read: Callable[[int], bytes], fd: int, timeout: float) -> list[bytes]:
+    """Frames from ``read(MAX_FRAME)``, a non-blocking read of one frame:
+    up to RX_BATCH of those already waiting, or, when none is, the first to
+    come within ``timeout``. Trying before waiting saves a select per batch."""
     frames: list[bytes] = []
     while len(frames) < RX_BATCH:
         try:
-            frames.append(read())
+            frames.append(read(MAX_FRAME))
         except BlockingIOError:
             if frames or not _readable(fd, timeout):
                 break
@@ -202,10 +203,7 @@ class TapBackend(Backend):
         self.ifname = ifname
 
     def _receive(self, timeout: float) -> list[bytes]:
-        return _drain(self._read, self.fd, timeout)
-
-    def _read(self) -> bytes:
-        return os.read(self.fd, MAX_FRAME)
+        return _drain(functools.partial(os.read, self.fd), self.fd, timeout)
 
     def _send(self, frame: bytes) -> bool:
         return os.write(self.fd, frame) == len(frame)
@@ -266,13 +264,14 @@ class DgramBackend(Backend):
         self.remote = _resolve(remote)[1] if remote else None
 
     def _receive(self, timeout: float) -> list[bytes]:
-        return _drain(self._read, self.sock.fileno(), timeout)
+        # Once the peer is known, recv: it builds no address, unlike recvfrom.
+        read = self.sock.recv if self.remote is not None else self._recv_learning
+        return _drain(read, self.sock.fileno(), timeout)
 
-    def _read(self) -> bytes:
-        if self.remote is not None:
-            return self.sock.recv(MAX_FRAME)  # no address to build: cheaper than recvfrom
-        data, peer = self.sock.recvfrom(MAX_FRAME)
-        self.remote = peer[:2]  # answer whoever speaks first
+    def _recv_learning(self, size: int) -> bytes:
+        data, peer = self.sock.recvfrom(size)
+        if self.remote is None:
+            self.remote = peer[:2]  # answer whoever speaks first
         return data
 
     def _send(self, frame: bytes) -> bool:
