@@ -17,6 +17,7 @@ import bisect
 import errno
 import logging
 import struct
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -311,23 +312,22 @@ class E1000Device(PciDevice):
         self.count_frames(rx, (frame,))
 
     def count_frames(self, rx: bool, frames: Sequence[bytes]) -> None:
-        """:meth:`count_frame` for a batch (a TX ring's worth), on the slots
-        directly; the packet and 64-bit octet counters are updated once."""
+        """:meth:`count_frame` for a batch (a ring's worth), on the slots
+        directly: each counter is updated once, size buckets once per
+        distinct frame length, broadcast/multicast per group frame."""
+        if not frames:
+            return
         v = self.r.values
         packets, octets, bcast, mcast, buckets = self._counter_slots[rx]
         total = 0
-        for frame in frames:
-            size = len(frame) + 4  # and the FCS
-            total += size
-            if frame[0] & 1:
-                n = bcast if frame[:6] == BROADCAST else mcast
-                if v[n] < 0xFFFFFFFF:
-                    v[n] += 1
+        for length, count in Counter(map(len, frames)).items():
+            size = length + 4  # and the FCS
+            total += size * count
             n = buckets[min(bisect.bisect_left(_BUCKETS, size), 5)]
-            if v[n] < 0xFFFFFFFF:
-                v[n] += 1
-        if not total:
-            return
+            v[n] = min(v[n] + count, 0xFFFFFFFF)  # counters stick at max
+        for frame in [f for f in frames if f[0] & 1]:
+            n = bcast if frame[:6] == BROADCAST else mcast
+            v[n] = min(v[n] + 1, 0xFFFFFFFF)
         for n in packets:
             v[n] = min(v[n] + len(frames), 0xFFFFFFFF)
         for lo, hi in octets:

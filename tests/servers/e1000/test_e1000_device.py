@@ -522,6 +522,23 @@ def test_rx_batch_wraps_the_ring(drv: Driver) -> None:
     assert drv.rx_desc(2)[3] == 0, "nothing past the last frame"
 
 
+def test_rx_batch_statistics(drv: Driver) -> None:
+    """Counters after a batch are those of its frames one by one: sizes with
+    the FCS in their buckets, broadcast and multicast, 64-bit octets."""
+    drv.setup_rx(n=16, rctl=R.RCTL_EN | (1 << 15) | (1 << 4))  # BAM, MPE
+    group = bytes.fromhex("01005e000001")
+    frames = [tcp_frame(b"b", dst=b"\xff" * 6), tcp_frame(b"m" * 50, dst=group),
+              tcp_frame(b"u" * 1400, dst=MAC), tcp_frame(b"v" * 1400, dst=MAC),
+              tcp_frame(b"w" * 200, dst=MAC)]
+    assert backend(drv).inject_batch(frames) == 5
+    sizes = [max(len(f), 60) + 4 for f in frames]
+    assert sizes == [64, 108, 1458, 1458, 258]
+    expect = {"GPRC": 5, "TPR": 5, "BPRC": 1, "MPRC": 1, "PRC64": 1, "PRC127": 1, "PRC255": 0,
+              "PRC511": 1, "PRC1023": 0, "PRC1522": 2, "GORCL": sum(sizes), "TORL": sum(sizes),
+              "GORCH": 0}
+    assert {name: drv.dev.stat(name) for name in expect} == expect
+
+
 def rx_state(d: Driver) -> tuple[object, ...]:
     """Everything reception can change: ring, buffers, RDH, ICR, IRQ line, statistics."""
     return (d.ram.read(RX_RING, 16 * d.rx_n), d.ram.read(RX_BUF, d.bsize * d.rx_n),
