@@ -235,8 +235,8 @@ class RxFilter:
     def accepts(self, frame: Buf) -> bool:
         if len(frame) < ETH_HLEN:
             return False
-        tci = vlan_tci(frame, self.vet)
-        if tci is not None and self.rctl & RCTL_VFE:
+        tci = vlan_tci(frame, self.vet) if self.rctl & RCTL_VFE else None
+        if tci is not None:
             vid = tci & 0xFFF
             if not self.vfta[vid >> 5] >> (vid & 31) & 1:
                 return False

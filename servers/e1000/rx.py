@@ -66,8 +66,8 @@ class Receiver:
     def ring_changed(self) -> None:
         """RDBAL/RDBAH/RDLEN/RDH written or reset: forget prefetched descriptors."""
         self._prefetched = b""
-        self._prefetch_start = 0  # ring index of the first descriptor in _prefetched
-        self._next = -1  # the one descriptor of them to be consumed next, if any
+        self._prefetch_start = self._prefetch_end = 0  # ring indexes in _prefetched
+        self._next = -1  # the one of them to be consumed next, if any
 
     def buffer_addr(self, base: int, n: int, head: int, avail: int) -> int:
         """The buffer address of descriptor ``head``. Like the 82540's
@@ -75,14 +75,13 @@ class Receiver:
         hardware owns are read at once; they stay valid until consumed,
         since the driver may not touch them before DD is set. They are
         consumed in ring order, so only the next one can be in the cache."""
-        i = head - self._prefetch_start
-        if head != self._next or i * DESC >= len(self._prefetched):
+        if head != self._next or head >= self._prefetch_end:
             k = max(1, min(avail, n - head, PREFETCH))
             self._next = -1
             self._prefetched = self.nic.dma.read(base + head * DESC, k * DESC)
-            self._prefetch_start, i = head, 0
+            self._prefetch_start, self._prefetch_end = head, head + k
         self._next = head + 1
-        return int(_ADDR.unpack_from(self._prefetched, i * DESC)[0])
+        return int(_ADDR.unpack_from(self._prefetched, (head - self._prefetch_start) * DESC)[0])
 
     def buffer_size(self) -> int:
         rctl = self.nic.r[R.RCTL]
@@ -117,7 +116,8 @@ class Receiver:
                 frame, tci = packet.strip_vlan(frame, vet)
                 if tci is not None:
                     special, status = tci, RXD_STAT_VP
-            frame = bytes(packet.pad(frame))
+            if len(frame) < packet.ETH_ZLEN:
+                frame = bytes(packet.pad(frame))
             if not walk.has_room(len(frame) + 4 * crc):
                 missed += 1
                 continue
@@ -182,43 +182,40 @@ class _Walk:
         """Spread ``data`` over buffers from the head (SDM 3.2.3); False if
         it did not all fit (NULL buffers took the room) or the ring could
         not be read."""
-        n, bsize = self.n, self.bsize
+        size, n, bsize = len(data), self.n, self.bsize
         head = self.head
         free = (self.tail - head) % n
         pos = used = 0
-        while pos < len(data):
+        while pos < size:
             if used == free:
                 # NULL descriptors used up the room: what was stored stays, EOP never comes.
-                self._advance(head)
+                self.head, self.moved = head, True
                 return False
             try:
                 buf = self.rx.buffer_addr(self.base, n, head, free - used)
             except VfioUserError as exc:
                 log.warning("RX ring at %#x unreadable: %s", self.base + head * DESC, exc)
                 return False
-            chunk = data[pos:pos + bsize] if buf else b""
-            err = 0
+            length = err = 0
             if buf:
+                chunk = data[pos:pos + bsize]  # data itself, uncopied, when it fits
+                length = len(chunk)
                 try:
                     self.dma.write(buf, chunk)
                 except VfioUserError:
                     err = RXD_ERR_RXE
-                pos += len(chunk)
-            if pos >= len(data):
-                self._write_back(head, _DESC.pack(buf, len(chunk), pkt_sum,
-                                                  RXD_STAT_DD | RXD_STAT_EOP | status,
-                                                  errors | err, special))
+                pos += length
+            if pos < size:
+                desc = _DESC.pack(buf, length, 0, RXD_STAT_DD, err, 0)
             else:
-                self._write_back(head, _DESC.pack(buf, len(chunk), 0, RXD_STAT_DD, err, 0))
+                desc = _DESC.pack(buf, length, pkt_sum, RXD_STAT_DD | RXD_STAT_EOP | status,
+                                  errors | err, special)
+            self._write_back(head, desc)
             head = head + 1 if head + 1 < n else 0
             used += 1
-        self._advance(head)
-        self.filled = head
-        return True
-
-    def _advance(self, head: int) -> None:
-        self.head = head
+        self.head = self.filled = head
         self.moved = True
+        return True
 
     def _write_back(self, index: int, desc: bytes) -> None:
         if index != self.pending_start + len(self.pending) // DESC:
