@@ -33,7 +33,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -113,19 +113,26 @@ class Backend:
         """Called when the peer went away; True to keep receiving."""
         return False
 
-    def send(self, frame: bytes | bytearray) -> None:
+    def send(self, frame: bytes) -> None:
         """Hand one frame to the wire; never blocks, drops when it would."""
-        if self.pcap is not None:
-            self.pcap.write(bytes(frame))
-        try:
-            if self._send(bytes(frame)):
-                self.tx_frames += 1
-                return
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED,
-                                 errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET):
-                log.warning("%s: send failed: %s", self.name, exc)
-        self.tx_dropped += 1
+        self.send_frames((frame,))
+
+    def send_frames(self, frames: Iterable[bytes]) -> None:
+        """Hand frames to the wire in order (a transmit batch); never
+        blocks, drops each that would."""
+        pcap, send = self.pcap, self._send
+        for frame in frames:
+            if pcap is not None:
+                pcap.write(frame)
+            try:
+                if send(frame):
+                    self.tx_frames += 1
+                    continue
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED,
+                                     errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET):
+                    log.warning("%s: send failed: %s", self.name, exc)
+            self.tx_dropped += 1
 
     def close(self) -> None:
         self._stop.set()

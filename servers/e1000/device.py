@@ -18,7 +18,7 @@ import errno
 import logging
 import struct
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from xdevproto.errors import DeviceError
@@ -71,7 +71,6 @@ class E1000Device(PciDevice):
         super().__init__()
         self.mac = bytes(mac)
         self.backend = backend
-        self.send: Callable[[bytes], None] = backend.send
         self.timers = timers if timers is not None else ThreadTimers()
         self.r = OffsetRegs(self.regs(0))
         self._counter_slots: dict[bool, Any] = {

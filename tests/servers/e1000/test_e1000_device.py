@@ -259,6 +259,39 @@ def test_tx_legacy_batch_and_status(drv: Driver) -> None:
     assert drv.rd(0x4080) == 0
 
 
+class StatusWatcher(CaptureBackend):
+    """Notes, as each frame goes out, whether its descriptor already says done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done_when_sent: list[bool] = []
+        self.driver: Driver | None = None
+
+    def _send(self, frame: bytes) -> bool:
+        assert self.driver is not None
+        self.done_when_sent.append(bool(self.driver.tx_status(len(self.sent)) & 1))
+        return super()._send(frame)
+
+
+def test_tx_frames_leave_before_their_status() -> None:
+    """A batch's frames reach the back end in order, each before DD is
+    written back for it (SDM 3.3.3.2: DD means the frame is gone)."""
+    watcher = StatusWatcher()
+    d = Driver(backend=watcher)
+    watcher.driver = d
+    try:
+        d.setup_tx(n=16)
+        frames = [tcp_frame(bytes([i]) * 50) for i in range(12)]
+        for f in frames:
+            d.legacy(f)
+        d.kick()
+        assert watcher.sent == frames
+        assert watcher.done_when_sent == [False] * 12
+        assert all(d.tx_status(i) & 1 for i in range(12))
+    finally:
+        d.close()
+
+
 def test_tx_multi_descriptor_frame_and_padding(drv: Driver) -> None:
     drv.setup_tx()
     frame = tcp_frame(b"p" * 300)
