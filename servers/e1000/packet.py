@@ -288,25 +288,21 @@ def rx_checksum(frame: bytes, rxcsum: int) -> tuple[int, int, int]:
     :func:`inet_sum`): appending ``k`` bytes multiplies by 2**(8k), which
     is 1 for even ``k`` and 256 (``<< 8``) for odd ``k``."""
     pcss = rxcsum & 0xFF
-    status = errors = 0
-    start = end = segment = 0  # the TCP/UDP segment summed (end > 0) and its sum
     if not rxcsum & (RXCSUM_IPOFL | RXCSUM_TUOFL):
-        status = RXD_STAT_IXSM
-    elif len(frame) >= ETH_HLEN + 20 and frame[12] == 0x08 and frame[13] == 0x00:
-        status, errors, start, end, segment = _ipv4_checks(frame, rxcsum)
-    return status, errors, _packet_sum(frame, pcss, start, end, segment)
+        return RXD_STAT_IXSM, 0, _packet_sum(frame, pcss, None)
+    if len(frame) >= ETH_HLEN + 20 and frame[12] == 0x08 and frame[13] == 0x00:
+        return _ipv4_checks(frame, rxcsum, pcss)
+    return 0, 0, _packet_sum(frame, pcss, None)
 
 
-def _ipv4_checks(frame: bytes, rxcsum: int) -> tuple[int, int, int, int, int]:
-    """IPv4 header and TCP/UDP checksums: status, errors, and the segment
-    summed for them (start, end, sum modulo 0xFFFF; end 0 if none). Each
-    sum checked here includes a nonzero word (the IP version, the
-    protocol), so it folds to 0xFFFF, the good value, exactly when it is 0
-    modulo 0xFFFF."""
+def _ipv4_checks(frame: bytes, rxcsum: int, pcss: int) -> tuple[int, int, int]:
+    """:func:`rx_checksum` of an IPv4 frame. Each sum checked here includes
+    a nonzero word (the IP version, the protocol), so it folds to 0xFFFF,
+    the good value, exactly when it is 0 modulo 0xFFFF."""
     status = errors = 0
     ihl = (frame[ETH_HLEN] & 0x0F) * 4
     if frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or ETH_HLEN + ihl > len(frame):
-        return status, errors, 0, 0, 0
+        return status, errors, _packet_sum(frame, pcss, None)
     if rxcsum & RXCSUM_IPOFL:
         status |= RXD_STAT_IPCS
         if int.from_bytes(frame[ETH_HLEN:ETH_HLEN + ihl], "big") % 0xFFFF:
@@ -315,31 +311,32 @@ def _ipv4_checks(frame: bytes, rxcsum: int) -> tuple[int, int, int, int, int]:
     start, end = ETH_HLEN + ihl, ETH_HLEN + total
     if not (rxcsum & RXCSUM_TUOFL and proto in (6, 17) and not fragment & 0x3FFF
             and start + 8 <= end <= len(frame)):
-        return status, errors, 0, 0, 0
+        return status, errors, _packet_sum(frame, pcss, None)
     segment = _span_residue(frame, start, end)
-    if proto == 17 and not (frame[start + 6] or frame[start + 7]):
-        return status, errors, start, end, segment  # UDP without checksum
-    # The pseudo header: source and destination address, protocol, length.
-    pseudo = int.from_bytes(frame[ETH_HLEN + 12:ETH_HLEN + 20], "big") + proto + end - start
-    status |= RXD_STAT_TCPCS
-    if ((segment << 8 if (end - start) & 1 else segment) + pseudo) % 0xFFFF:  # odd: padded
-        errors |= RXD_ERR_TCPE
-    return status, errors, start, end, segment
+    if proto == 6 or frame[start + 6] or frame[start + 7]:  # UDP may carry no checksum
+        # The pseudo header: source and destination address, protocol, length.
+        pseudo = int.from_bytes(frame[ETH_HLEN + 12:ETH_HLEN + 20], "big") + proto + end - start
+        status |= RXD_STAT_TCPCS
+        if ((segment << 8 if (end - start) & 1 else segment) + pseudo) % 0xFFFF:  # odd: padded
+            errors |= RXD_ERR_TCPE
+    if pcss > start:
+        return status, errors, _packet_sum(frame, pcss, None)
+    # The packet checksum: the bytes from PCSS on, the segment, what follows it.
+    head = int.from_bytes(frame[pcss:start], "big")
+    n = (head << 8 if (end - start) & 1 else head) + segment
+    if end < len(frame):
+        n = (n << 8 if (len(frame) - end) & 1 else n) + int.from_bytes(frame[end:], "big")
+    return status, errors, _packet_sum(frame, pcss, n)
 
 
-def _packet_sum(frame: bytes, pcss: int, start: int, end: int, segment: int) -> int:
+def _packet_sum(frame: bytes, pcss: int, n: int | None) -> int:
     """The ones'-complement sum from PCSS to the end (the descriptor's
-    checksum field), with ``segment``, the sum of ``frame[start:end]``
-    modulo 0xFFFF, if ``end`` is not 0."""
+    checksum field); ``n``, when the caller has it, is congruent to those
+    bytes read as a number, modulo 0xFFFF."""
     size = len(frame) - pcss
     if size <= 0:
         return 0
-    if end and pcss <= start:
-        n = int.from_bytes(frame[pcss:start], "big")
-        n = (n << 8 if (end - start) & 1 else n) + segment
-        if end < len(frame):
-            n = (n << 8 if (len(frame) - end) & 1 else n) + int.from_bytes(frame[end:], "big")
-    else:
+    if n is None:
         n = _span_residue(frame, pcss, len(frame))
     total = (n << 8 if size & 1 else n) % 0xFFFF  # the pad byte
     if total == 0 and any(frame[pcss:]):
