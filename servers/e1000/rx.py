@@ -56,6 +56,9 @@ _BSIZE = {(0, 0): 2048, (0, 1): 1024, (0, 2): 512, (0, 3): 256,
 
 
 class Receiver:
+    """A NIC's receive engine: :meth:`receive` stores batches; the
+    descriptor prefetch outlives them."""
+
     def __init__(self, nic: E1000Device) -> None:
         self.nic = nic
         self.ring_changed()
@@ -142,7 +145,7 @@ class Receiver:
             nic.count("MPC", missed)
             nic.count("RNBC", missed)
             causes |= R.ICR_RXO
-        if walk.filled is not None and walk.below_threshold(walk.filled, regs[R.RCTL]):
+        if walk.below_threshold(regs[R.RCTL]):
             causes |= R.ICR_RXDMT0
         if causes:
             nic.raise_cause(causes)
@@ -247,9 +250,10 @@ class _Walk:
         if self.moved:
             self.rx.nic.r[R.RDH] = self.head
 
-    def below_threshold(self, head: int, rctl: int) -> bool:
-        """RXDMT0: free descriptors at or below RCTL.RDMTS of the ring
-        (SDM 13.4.22); free only shrinks within a batch, so checking after
-        its last frame stored equals checking after each."""
+    def below_threshold(self, rctl: int) -> bool:
+        """RXDMT0: free descriptors at or below RCTL.RDMTS of the ring once a
+        frame was stored (SDM 13.4.22); free only shrinks within a batch, so
+        checking after its last frame stored equals checking after each."""
         rdmts = rctl >> 8 & 3
-        return rdmts != 3 and (self.tail - head) % self.n <= self.n >> (rdmts + 1)
+        return (self.filled is not None and rdmts != 3
+                and (self.tail - self.filled) % self.n <= self.n >> (rdmts + 1))
