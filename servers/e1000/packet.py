@@ -232,7 +232,7 @@ class RxFilter:
     rctl: int
     vet: int = 0x8100
 
-    def accepts(self, frame: Buf) -> bool:
+    def accepts(self, frame: bytes) -> bool:
         if len(frame) < ETH_HLEN:
             return False
         tci = vlan_tci(frame, self.vet) if self.rctl & RCTL_VFE else None
@@ -240,7 +240,7 @@ class RxFilter:
             vid = tci & 0xFFF
             if not self.vfta[vid >> 5] >> (vid & 31) & 1:
                 return False
-        dst = bytes(frame[:6])
+        dst = frame[:6]
         if dst in self.exact:
             return True
         if dst == BROADCAST:

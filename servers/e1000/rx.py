@@ -46,7 +46,8 @@ MAX_LONG = 16384  # largest frame with LPE (SDM 13.4.22)
 RXD_ERR_RXE = 0x80
 
 PREFETCH = 64  # descriptors read ahead in one DMA
-_ADDR = struct.Struct("<Q")
+# The buffer addresses of k descriptors, for each k up to PREFETCH.
+_ADDRS = [struct.Struct("<" + "Q8x" * k) for k in range(PREFETCH + 1)]
 # A legacy receive descriptor (SDM 3.2.3): buffer address, length, packet
 # checksum, status, errors, special.
 _DESC = struct.Struct("<QHHBBH")
@@ -68,7 +69,7 @@ class Receiver:
 
     def ring_changed(self) -> None:
         """RDBAL/RDBAH/RDLEN/RDH written or reset: forget prefetched descriptors."""
-        self._prefetched = b""
+        self._prefetched: tuple[int, ...] = ()
         self._prefetch_start = self._prefetch_end = 0  # ring indexes in _prefetched
         self._next = -1  # the one of them to be consumed next, if any
 
@@ -81,10 +82,10 @@ class Receiver:
         if head != self._next or head >= self._prefetch_end:
             k = max(1, min(avail, n - head, PREFETCH))
             self._next = -1
-            self._prefetched = self.nic.dma.read(base + head * DESC, k * DESC)
+            self._prefetched = _ADDRS[k].unpack(self.nic.dma.read(base + head * DESC, k * DESC))
             self._prefetch_start, self._prefetch_end = head, head + k
         self._next = head + 1
-        return int(_ADDR.unpack_from(self._prefetched, (head - self._prefetch_start) * DESC)[0])
+        return self._prefetched[head - self._prefetch_start]
 
     def buffer_size(self) -> int:
         rctl = self.nic.r[R.RCTL]
@@ -109,7 +110,8 @@ class Receiver:
         stored: list[bytes] = []
         oversize = missed = 0
         for frame in frames:
-            if len(frame) > longest:
+            size = len(frame)
+            if size > longest:
                 oversize += 1
                 continue
             if not accepts(frame):
@@ -119,9 +121,11 @@ class Receiver:
                 frame, tci = packet.strip_vlan(frame, vet)
                 if tci is not None:
                     special, status = tci, RXD_STAT_VP
-            if len(frame) < packet.ETH_ZLEN:
+                    size -= packet.VLAN_HLEN
+            if size < packet.ETH_ZLEN:
                 frame = bytes(packet.pad(frame))
-            if not walk.has_room(len(frame) + 4 * crc):
+                size = packet.ETH_ZLEN
+            if not walk.has_room(size + 4 * crc):
                 missed += 1
                 continue
             csum_status, errors, pkt_sum = packet.rx_checksum(frame, rxcsum)
