@@ -286,31 +286,30 @@ def rx_checksum(frame: bytes, rxcsum: int) -> tuple[int, int, int]:
     sum wherever the segment lies after PCSS. Pieces of a buffer read as
     big-endian numbers combine modulo 0xFFFF like the buffer itself (see
     :func:`inet_sum`): appending ``k`` bytes multiplies by 2**(8k), which
-    is 1 for even ``k`` and 256 (``<< 8``) for odd ``k``."""
+    is 1 for even ``k`` and 256 (``<< 8``) for odd ``k``. This runs for
+    every frame received, so the IPv4 checks are written out here rather
+    than spread over helpers."""
     pcss = rxcsum & 0xFF
+    size = len(frame)
     if not rxcsum & (RXCSUM_IPOFL | RXCSUM_TUOFL):
         return RXD_STAT_IXSM, 0, _packet_sum(frame, pcss, None)
-    if len(frame) >= ETH_HLEN + 20 and frame[12] == 0x08 and frame[13] == 0x00:
-        return _ipv4_checks(frame, rxcsum, pcss)
-    return 0, 0, _packet_sum(frame, pcss, None)
-
-
-def _ipv4_checks(frame: bytes, rxcsum: int, pcss: int) -> tuple[int, int, int]:
-    """:func:`rx_checksum` of an IPv4 frame. Each sum checked here includes
-    a nonzero word (the IP version, the protocol), so it folds to 0xFFFF,
-    the good value, exactly when it is 0 modulo 0xFFFF."""
-    status = errors = 0
+    if size < ETH_HLEN + 20 or frame[12] != 0x08 or frame[13] != 0x00:
+        return 0, 0, _packet_sum(frame, pcss, None)  # not IPv4: nothing to check
     ihl = (frame[ETH_HLEN] & 0x0F) * 4
-    if frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or ETH_HLEN + ihl > len(frame):
-        return status, errors, _packet_sum(frame, pcss, None)
+    if frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or ETH_HLEN + ihl > size:
+        return 0, 0, _packet_sum(frame, pcss, None)
+    # Each sum checked below includes a nonzero word (the IP version, the
+    # protocol), so it folds to 0xFFFF, the good value, exactly when it is
+    # 0 modulo 0xFFFF.
+    status = errors = 0
     if rxcsum & RXCSUM_IPOFL:
-        status |= RXD_STAT_IPCS
+        status = RXD_STAT_IPCS
         if int.from_bytes(frame[ETH_HLEN:ETH_HLEN + ihl], "big") % 0xFFFF:
-            errors |= RXD_ERR_IPE
+            errors = RXD_ERR_IPE
     total, _, fragment, _, proto = struct.unpack_from(">HHHBB", frame, ETH_HLEN + 2)
     start, end = ETH_HLEN + ihl, ETH_HLEN + total
     if not (rxcsum & RXCSUM_TUOFL and proto in (6, 17) and not fragment & 0x3FFF
-            and start + 8 <= end <= len(frame)):
+            and start + 8 <= end <= size):
         return status, errors, _packet_sum(frame, pcss, None)
     segment = _span_residue(frame, start, end)
     if proto == 6 or frame[start + 6] or frame[start + 7]:  # UDP may carry no checksum
@@ -322,10 +321,10 @@ def _ipv4_checks(frame: bytes, rxcsum: int, pcss: int) -> tuple[int, int, int]:
     if pcss > start:
         return status, errors, _packet_sum(frame, pcss, None)
     # The packet checksum: the bytes from PCSS on, the segment, what follows it.
-    head = int.from_bytes(frame[pcss:start], "big")
-    n = (head << 8 if (end - start) & 1 else head) + segment
-    if end < len(frame):
-        n = (n << 8 if (len(frame) - end) & 1 else n) + int.from_bytes(frame[end:], "big")
+    n = int.from_bytes(frame[pcss:start], "big")
+    n = (n << 8 if (end - start) & 1 else n) + segment
+    if end < size:
+        n = (n << 8 if (size - end) & 1 else n) + int.from_bytes(frame[end:], "big")
     return status, errors, _packet_sum(frame, pcss, n)
 
 
