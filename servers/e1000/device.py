@@ -6,8 +6,9 @@ and receive engines live in :mod:`.tx` and :mod:`.rx`, packet logic in
 
 BAR0 is 128 KiB of registers (the layout in :mod:`.regs`), BAR1 a 64-byte
 I/O window (IOADDR at 0, IODATA at 4, SDM 13.2.2), INTx pin A, a power
-management capability. Frames arrive from the back end's thread and are
-stored under the device lock; time comes from :class:`~.timers.Timers`.
+management capability. Frames arrive from the back end's thread, in
+batches, and are stored under the device lock; time comes from
+:class:`~.timers.Timers`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import bisect
 import errno
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from xdevproto.errors import DeviceError
@@ -69,7 +71,6 @@ class E1000Device(PciDevice):
         super().__init__()
         self.mac = bytes(mac)
         self.backend = backend
-        self.send: Callable[[bytes], None] = backend.send
         self.timers = timers if timers is not None else ThreadTimers()
         self.r = OffsetRegs(self.regs(0))
         self._counter_slots: dict[bool, Any] = {
@@ -84,7 +85,7 @@ class E1000Device(PciDevice):
         self.rx = Receiver(self)
         self._reset_nic()
         self.set_partner(backend.link_up)
-        backend.start(self.receive, self.set_partner)
+        backend.start(self.receive_frames, self.set_partner)
 
     def close(self) -> None:
         self.backend.close()
@@ -274,9 +275,14 @@ class E1000Device(PciDevice):
         return self._filter
 
     def receive(self, frame: bytes) -> bool:
-        """A frame from the wire (back end thread); False if dropped."""
+        """A frame from the wire; False if dropped."""
+        return self.receive_frames((frame,)) == 1
+
+    def receive_frames(self, frames: Sequence[bytes]) -> int:
+        """Frames from the wire, in order (back end thread): stored under
+        one acquisition of the lock. Returns how many were stored."""
         with self.lock:
-            return self.rx.receive(frame)
+            return self.rx.receive(frames)
 
     def set_partner(self, up: bool) -> None:
         """The back end's link went up or down."""
@@ -305,23 +311,22 @@ class E1000Device(PciDevice):
         self.count_frames(rx, (frame,))
 
     def count_frames(self, rx: bool, frames: Sequence[bytes]) -> None:
-        """:meth:`count_frame` for a batch (a TX ring's worth), on the slots
-        directly; the packet and 64-bit octet counters are updated once."""
+        """:meth:`count_frame` for a batch (a ring's worth), on the slots
+        directly: each counter is updated once, size buckets once per
+        distinct frame length, broadcast/multicast per group frame."""
+        if not frames:
+            return
         v = self.r.values
         packets, octets, bcast, mcast, buckets = self._counter_slots[rx]
         total = 0
-        for frame in frames:
-            size = len(frame) + 4  # and the FCS
-            total += size
-            if frame[0] & 1:
-                n = bcast if frame[:6] == BROADCAST else mcast
-                if v[n] < 0xFFFFFFFF:
-                    v[n] += 1
+        for length, count in Counter(map(len, frames)).items():
+            size = length + 4  # and the FCS
+            total += size * count
             n = buckets[min(bisect.bisect_left(_BUCKETS, size), 5)]
-            if v[n] < 0xFFFFFFFF:
-                v[n] += 1
-        if not total:
-            return
+            v[n] = min(v[n] + count, 0xFFFFFFFF)  # counters stick at max
+        for frame in [f for f in frames if f[0] & 1]:
+            n = bcast if frame[:6] == BROADCAST else mcast
+            v[n] = min(v[n] + 1, 0xFFFFFFFF)
         for n in packets:
             v[n] = min(v[n] + len(frames), 0xFFFFFFFF)
         for lo, hi in octets:

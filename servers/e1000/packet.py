@@ -40,12 +40,9 @@ def inet_sum(data: Buf, start: int = 0) -> int:
     Since 2**16 is 1 modulo 0xFFFF, the words' end-around-carry sum is the
     whole buffer read as one big number modulo 0xFFFF (RFC 1071 section 2),
     which int.from_bytes computes in C; only 0 versus 0xFFFF needs care."""
-    b = bytes(data)
-    if len(b) & 1:
-        b += b"\0"
-    n = int.from_bytes(b, "big")
-    folded = n % 0xFFFF
-    if folded == 0 and n:
+    n = _span_residue(data, 0, len(data))
+    folded = (n << 8 if len(data) & 1 else n) % 0xFFFF  # the pad byte
+    if folded == 0 and any(data):
         folded = 0xFFFF
     return start + folded
 
@@ -235,15 +232,15 @@ class RxFilter:
     rctl: int
     vet: int = 0x8100
 
-    def accepts(self, frame: Buf) -> bool:
+    def accepts(self, frame: bytes) -> bool:
         if len(frame) < ETH_HLEN:
             return False
-        tci = vlan_tci(frame, self.vet)
-        if tci is not None and self.rctl & RCTL_VFE:
+        tci = vlan_tci(frame, self.vet) if self.rctl & RCTL_VFE else None
+        if tci is not None:
             vid = tci & 0xFFF
             if not self.vfta[vid >> 5] >> (vid & 31) & 1:
                 return False
-        dst = bytes(frame[:6])
+        dst = frame[:6]
         if dst in self.exact:
             return True
         if dst == BROADCAST:
@@ -285,52 +282,72 @@ def rx_checksum(frame: bytes, rxcsum: int) -> tuple[int, int, int]:
     "ignore checksum" (IXSM). ``frame`` is untagged.
 
     Summing a frame is the costly part, so each byte is summed once: the
-    packet checksum (from PCSS to the end) reuses the TCP/UDP segment's sum
-    when the segment starts at an even offset after PCSS."""
+    packet checksum (from PCSS to the end) reuses the TCP/UDP segment's
+    sum wherever the segment lies after PCSS. Pieces of a buffer read as
+    big-endian numbers combine modulo 0xFFFF like the buffer itself (see
+    :func:`inet_sum`): appending ``k`` bytes multiplies by 2**(8k), which
+    is 1 for even ``k`` and 256 (``<< 8``) for odd ``k``. This runs for
+    every frame received, so the IPv4 checks are written out here rather
+    than spread over helpers."""
     pcss = rxcsum & 0xFF
-    status = errors = 0
-    l4_span: tuple[int, int, int] | None = None  # (start, end, sum)
+    size = len(frame)
     if not rxcsum & (RXCSUM_IPOFL | RXCSUM_TUOFL):
-        status = RXD_STAT_IXSM
-    elif len(frame) >= ETH_HLEN + 20 and frame[12:14] == b"\x08\x00":
-        status, errors, l4_span = _ipv4_checks(frame, rxcsum)
-    return status, errors, _packet_sum(frame, pcss, l4_span)
-
-
-def _ipv4_checks(frame: bytes, rxcsum: int) -> tuple[int, int, tuple[int, int, int] | None]:
-    status = errors = 0
+        return RXD_STAT_IXSM, 0, _packet_sum(frame, pcss, None)
+    if size < ETH_HLEN + 20 or frame[12] != 0x08 or frame[13] != 0x00:
+        return 0, 0, _packet_sum(frame, pcss, None)  # not IPv4: nothing to check
     ihl = (frame[ETH_HLEN] & 0x0F) * 4
-    if frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or ETH_HLEN + ihl > len(frame):
-        return status, errors, None
-    ip = frame[ETH_HLEN:ETH_HLEN + ihl]
+    if frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or ETH_HLEN + ihl > size:
+        return 0, 0, _packet_sum(frame, pcss, None)
+    # Each sum checked below includes a nonzero word (the IP version, the
+    # protocol), so it folds to 0xFFFF, the good value, exactly when it is
+    # 0 modulo 0xFFFF.
+    status = errors = 0
     if rxcsum & RXCSUM_IPOFL:
-        status |= RXD_STAT_IPCS
-        if fold(inet_sum(ip)) != 0xFFFF:
-            errors |= RXD_ERR_IPE
-    total = struct.unpack_from(">H", ip, 2)[0]
-    proto = ip[9]
-    fragmented = struct.unpack_from(">H", ip, 6)[0] & 0x3FFF
+        status = RXD_STAT_IPCS
+        if int.from_bytes(frame[ETH_HLEN:ETH_HLEN + ihl], "big") % 0xFFFF:
+            errors = RXD_ERR_IPE
+    total, _, fragment, _, proto = struct.unpack_from(">HHHBB", frame, ETH_HLEN + 2)
     start, end = ETH_HLEN + ihl, ETH_HLEN + total
-    if not (rxcsum & RXCSUM_TUOFL and proto in (6, 17) and not fragmented
-            and start + 8 <= end <= len(frame)):
-        return status, errors, None
-    l4 = frame[start:end]
-    l4_sum = inet_sum(l4)
-    if proto == 17 and l4[6:8] == b"\0\0":
-        return status, errors, (start, end, l4_sum)  # UDP without checksum
-    pseudo = ip[12:20] + struct.pack(">HH", proto, len(l4))
-    status |= RXD_STAT_TCPCS
-    if fold(inet_sum(pseudo, l4_sum)) != 0xFFFF:
-        errors |= RXD_ERR_TCPE
-    return status, errors, (start, end, l4_sum)
+    if not (rxcsum & RXCSUM_TUOFL and proto in (6, 17) and not fragment & 0x3FFF
+            and start + 8 <= end <= size):
+        return status, errors, _packet_sum(frame, pcss, None)
+    segment = _span_residue(frame, start, end)
+    if proto == 6 or frame[start + 6] or frame[start + 7]:  # UDP may carry no checksum
+        # The pseudo header: source and destination address, protocol, length.
+        pseudo = int.from_bytes(frame[ETH_HLEN + 12:ETH_HLEN + 20], "big") + proto + end - start
+        status |= RXD_STAT_TCPCS
+        if ((segment << 8 if (end - start) & 1 else segment) + pseudo) % 0xFFFF:  # odd: padded
+            errors |= RXD_ERR_TCPE
+    if pcss > start:
+        return status, errors, _packet_sum(frame, pcss, None)
+    # The packet checksum: the bytes from PCSS on, the segment, what follows it.
+    n = int.from_bytes(frame[pcss:start], "big")
+    n = (n << 8 if (end - start) & 1 else n) + segment
+    if end < size:
+        n = (n << 8 if (size - end) & 1 else n) + int.from_bytes(frame[end:], "big")
+    return status, errors, _packet_sum(frame, pcss, n)
 
 
-def _packet_sum(frame: bytes, pcss: int, l4_span: tuple[int, int, int] | None) -> int:
-    """The ones'-complement sum from PCSS to the end (the descriptor's checksum field)."""
-    if pcss >= len(frame):
+def _packet_sum(frame: bytes, pcss: int, n: int | None) -> int:
+    """The ones'-complement sum from PCSS to the end (the descriptor's
+    checksum field); ``n``, when the caller has it, is congruent to those
+    bytes read as a number, modulo 0xFFFF."""
+    size = len(frame) - pcss
+    if size <= 0:
         return 0
-    if l4_span is not None:
-        start, end, l4_sum = l4_span
-        if pcss <= start and (start - pcss) % 2 == 0 and (end - start) % 2 == 0:
-            return fold(inet_sum(frame[pcss:start], l4_sum) + inet_sum(frame[end:]))
-    return fold(inet_sum(frame[pcss:]))
+    if n is None:
+        n = _span_residue(frame, pcss, len(frame))
+    total = (n << 8 if size & 1 else n) % 0xFFFF  # the pad byte
+    if total == 0 and any(frame[pcss:]):
+        return 0xFFFF  # a nonzero sum that is 0 modulo 0xFFFF
+    return total
+
+
+def _span_residue(frame: Buf, start: int, end: int) -> int:
+    """``frame[start:end]`` read as one big-endian number, modulo 0xFFFF.
+    Taken in two halves added first: the remainder divides a long number
+    digit by digit, so one half as long saves more than the addition costs."""
+    mid = (start + end) // 2
+    high = int.from_bytes(frame[start:mid], "big")
+    low = int.from_bytes(frame[mid:end], "big")
+    return ((high << 8 if (end - mid) & 1 else high) + low) % 0xFFFF

@@ -2,8 +2,9 @@
 
 A TDT write (or TCTL.EN) processes every descriptor from TDH to TDT in one
 batch: the descriptors are fetched with one read per contiguous stretch of
-the ring, data buffers are gathered until EOP, offloads applied, frames
-handed to the back end, and status written back for RS descriptors.
+the ring, data buffers are gathered until EOP (joined only when a frame
+spans several), offloads applied, the stretch's frames handed to the back
+end together, and then status written back for RS descriptors.
 
 Hostile rings are bounded: at most one ring's worth of descriptors per
 kick, a head outside the ring restarts at 0 (CVE-2016-1981), a frame is
@@ -57,7 +58,8 @@ class Transmitter:
 
     def reset(self) -> None:
         self.ctx = TxContext()
-        self.buf = bytearray()
+        self.parts: list[bytes] = []  # the data buffers of the frame being gathered
+        self.size = 0  # their length
         self.oversize = False
         self.bad_dma = False
         self.tse = False
@@ -66,6 +68,7 @@ class Transmitter:
         # per batch (set by kick)
         self._psp = self._vlan = self._looped = False
         self._sent: list[bytes] = []
+        self._wire: list[bytes] = []  # per stretch of the ring
 
     def kick(self) -> None:
         """Process the ring (called with the NIC lock held)."""
@@ -101,11 +104,14 @@ class Transmitter:
                     log.warning("TX ring at %#x unreadable: %s", addr, exc)
                     break
                 report = []
+                self._wire = []
                 for i in range(count):
                     cmd = self._descriptor(raw[i * DESC:(i + 1) * DESC])
                     if cmd & CMD_RS:
                         report.append(i)
                         immediate = immediate or not cmd & CMD_IDE
+                # The stretch's frames leave before their descriptors say done.
+                nic.backend.send_frames(self._wire)
                 if report:
                     rs_seen = True
                     self._write_status(addr, raw, report)
@@ -163,43 +169,49 @@ class Transmitter:
     def _gather(self, addr: int, length: int) -> None:
         if length == 0 or self.oversize or self.bad_dma:
             return
-        if len(self.buf) + length > MAX_TX_FRAME:
+        if self.size + length > MAX_TX_FRAME:
             self.oversize = True
             return
         try:
-            self.buf += self.nic.dma.read(addr, length)
+            self.parts.append(self.nic.dma.read(addr, length))
         except VfioUserError:
             self.bad_dma = True
+            return
+        self.size += length
 
-    def _take(self) -> bytearray | None:
-        frame, bad = self.buf, self.oversize or self.bad_dma
-        self.buf = bytearray()
+    def _take(self) -> bytes | None:
+        """The frame gathered, joined only when it came in several buffers."""
+        parts, bad = self.parts, self.oversize or self.bad_dma
+        self.parts, self.size = [], 0
         self.oversize = self.bad_dma = False
         self.popts = 0
-        if bad or not frame:
+        if bad or not parts:
             if self.tse:
                 self.nic.count("TSCTFC")
             log.debug("TX frame dropped (oversize or unreadable)")
             return None
-        return frame
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _end_legacy(self, cmd: int, cso: int, css: int, special: int) -> None:
-        frame = self._take()
+        frame: bytes | bytearray | None = self._take()
         if frame is None:
             return
         if cmd & CMD_IC:
+            frame = bytearray(frame)
             packet.legacy_checksum(frame, css, cso)
         self._emit(frame, cmd, special)
 
     def _end_data(self, cmd: int, special: int) -> None:
         tse, popts = self.tse, self.popts
-        frame = self._take()
+        frame: bytes | bytearray | None = self._take()
         self.tse = False
         if frame is None:
             return
         ixsm, txsm = bool(popts & POPTS_IXSM), bool(popts & POPTS_TXSM)
         if not tse:
-            packet.apply_checksums(frame, self.ctx, ixsm, txsm)
+            if ixsm or txsm:
+                frame = bytearray(frame)
+                packet.apply_checksums(frame, self.ctx, ixsm, txsm)
             self._emit(frame, cmd, special)
             return
         try:
@@ -212,7 +224,7 @@ class Transmitter:
         for seg in segments:
             self._emit(seg, cmd, special)
 
-    def _emit(self, frame: bytearray, cmd: int, special: int) -> None:
+    def _emit(self, frame: bytes | bytearray, cmd: int, special: int) -> None:
         nic = self.nic
         if cmd & CMD_VLE and self._vlan:
             frame = packet.insert_vlan(frame, nic.r[R.VET], special)
@@ -222,10 +234,10 @@ class Transmitter:
             if len(self.loopback) < MAX_LOOPBACK:
                 self.loopback.append(out)
             return
-        nic.send(out)
+        self._wire.append(out)
 
     def _deliver_loopback(self) -> None:
         frames, self.loopback = self.loopback, []
-        for frame in frames:
-            self.nic.rx.receive(frame)
+        if frames:
+            self.nic.rx.receive(frames)
 

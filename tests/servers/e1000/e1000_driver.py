@@ -12,6 +12,7 @@ import zlib
 from servers.e1000 import regs as R
 from servers.e1000.backends import Backend
 from servers.e1000.device import E1000Device
+from servers.e1000.regs import STATS
 from servers.e1000.timers import ManualTimers
 from xdevproto.device import DmaRegion
 from xdevproto.guestmem import MemfdRam
@@ -41,8 +42,14 @@ class CaptureBackend(Backend):
         self.sent.append(frame)
         return True
 
-    def inject(self, frame: bytes) -> object:
-        return self.on_frame(frame)
+    def inject(self, frame: bytes) -> bool:
+        """One frame from the wire; whether the NIC stored it."""
+        return bool(self.on_frames([frame]))
+
+    def inject_batch(self, frames: list[bytes]) -> object:
+        """Frames arriving together, as a back end hands them over; the
+        NIC's answer (how many it stored)."""
+        return self.on_frames(frames)
 
 
 class Driver:
@@ -149,6 +156,14 @@ class Driver:
         CRC after it: checked here and removed, as Linux's e1000 removes it."""
         addr, length, *_ = self.rx_desc(i)
         return self.strip_fcs(self.ram.read(addr, length))
+
+    def rx_state(self) -> tuple[object, ...]:
+        """Everything reception can change: ring, buffers, RDH, ICR, IRQ
+        line, statistics (read without clearing them)."""
+        return (self.ram.read(RX_RING, 16 * self.rx_n),
+                self.ram.read(RX_BUF, self.bsize * self.rx_n),
+                self.rd(R.RDH), self.dev.r[R.ICR], self.irq_level,
+                {name: self.dev.stat(name) for name in STATS})
 
     def strip_fcs(self, data: bytes) -> bytes:
         if self.rd(R.RCTL) & R.RCTL_SECRC:

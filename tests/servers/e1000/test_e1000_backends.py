@@ -11,11 +11,13 @@ import socket
 import struct
 import subprocess
 import uuid
+from collections.abc import Callable
 
 import pytest
 
 from servers.e1000.backends import (
     MAX_FRAME,
+    RX_BATCH,
     DgramBackend,
     PcapWriter,
     StreamBackend,
@@ -29,6 +31,14 @@ FRAME = bytes.fromhex("ffffffffffff525400123456") + b"\x08\x06" + bytes(range(46
 
 def collector() -> tuple[queue.Queue[bytes], queue.Queue[bool]]:
     return queue.Queue(), queue.Queue()
+
+
+def each(q: queue.Queue[bytes]) -> Callable[[list[bytes]], None]:
+    """A frame sink putting every frame of a batch on ``q``."""
+    def sink(frames: list[bytes]) -> None:
+        for frame in frames:
+            q.put(frame)
+    return sink
 
 
 @pytest.mark.parametrize("text,kind", [
@@ -58,8 +68,8 @@ def test_dgram_pair_exchanges_frames() -> None:
     a.remote = ("127.0.0.1", port_b)
     qa, _ = collector()
     qb, _ = collector()
-    a.start(qa.put)
-    b.start(qb.put)
+    a.start(each(qa))
+    b.start(each(qb))
     try:
         a.send(FRAME)
         assert qb.get(timeout=5) == FRAME
@@ -76,7 +86,7 @@ def test_dgram_learns_peer_when_no_remote() -> None:
     a.send(FRAME)
     assert a.tx_dropped == 1, "nobody to send to yet"
     q, _ = collector()
-    a.start(q.put)
+    a.start(each(q))
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         peer.sendto(FRAME, a.sock.getsockname())
@@ -89,6 +99,30 @@ def test_dgram_learns_peer_when_no_remote() -> None:
         a.close()
 
 
+def test_dgram_hands_over_waiting_frames_in_batches() -> None:
+    """Frames already queued when the thread looks arrive together, in
+    order, at most RX_BATCH at a time; the first sender becomes the peer."""
+    a = DgramBackend(local="127.0.0.1:0")
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    frames = [FRAME + i.to_bytes(2, "big") for i in range(RX_BATCH + 36)]
+    for frame in frames:
+        peer.sendto(frame, a.sock.getsockname())
+    batches: queue.Queue[list[bytes]] = queue.Queue()
+    a.start(batches.put)
+    try:
+        got: list[list[bytes]] = []
+        while sum(map(len, got)) < len(frames):
+            got.append(batches.get(timeout=5))
+        assert [f for batch in got for f in batch] == frames
+        assert len(got[0]) == RX_BATCH and max(map(len, got)) == RX_BATCH
+        assert a.rx_frames == len(frames)
+        assert a.remote == peer.getsockname()
+    finally:
+        peer.close()
+        a.close()
+
+
 def test_stream_listen_connect_both_ways_and_link() -> None:
     server = StreamBackend(listen="127.0.0.1:0")
     addr = server.address
@@ -96,8 +130,8 @@ def test_stream_listen_connect_both_ways_and_link() -> None:
     client = StreamBackend(connect=f"127.0.0.1:{addr[1]}")
     qs, ls = collector()
     qc, lc = collector()
-    server.start(qs.put, ls.put)
-    client.start(qc.put, lc.put)
+    server.start(each(qs), ls.put)
+    client.start(each(qc), lc.put)
     try:
         assert ls.get(timeout=5) is True and lc.get(timeout=5) is True
         for i in range(20):
@@ -115,7 +149,7 @@ def test_stream_hostile_length_disconnects() -> None:
     addr = server.address
     assert addr is not None
     q, links = collector()
-    server.start(q.put, links.put)
+    server.start(each(q), links.put)
     s = socket.create_connection(addr)
     try:
         assert links.get(timeout=5) is True
@@ -133,13 +167,36 @@ def test_stream_hostile_length_disconnects() -> None:
         server.close()
 
 
+def test_stream_delivers_frames_before_a_hostile_length() -> None:
+    server = StreamBackend(listen="127.0.0.1:0")
+    addr = server.address
+    assert addr is not None
+    batches: queue.Queue[list[bytes]] = queue.Queue()
+    _, links = collector()
+    server.start(batches.put, links.put)
+    s = socket.create_connection(addr)
+    try:
+        assert links.get(timeout=5) is True
+        good = [FRAME + bytes([i]) for i in range(3)]
+        s.sendall(b"".join(struct.pack(">I", len(f)) + f for f in good)
+                  + struct.pack(">I", MAX_FRAME + 1) + b"x" * 100)
+        assert links.get(timeout=5) is False
+        got: list[bytes] = []
+        while not batches.empty():
+            got += batches.get()
+        assert got == good, "the frames before the bad length are delivered"
+    finally:
+        s.close()
+        server.close()
+
+
 def test_stream_qemu_wire_format() -> None:
     """What a QEMU -netdev stream peer sees: a 4-byte big-endian length, then the frame."""
     lst = socket.create_server(("127.0.0.1", 0))
     port = lst.getsockname()[1]
     client = StreamBackend(connect=f"127.0.0.1:{port}")
     _, links = collector()
-    client.start(lambda f: None, links.put)
+    client.start(lambda frames: None, links.put)
     peer, _ = lst.accept()
     try:
         assert links.get(timeout=5) is True
@@ -183,7 +240,7 @@ def test_tap_by_name_and_by_fd() -> None:
         subprocess.run(["ip", "link", "set", name, "up"], check=True)
         tap = TapBackend(fd=os.dup(fd))
         q, _ = collector()
-        tap.start(q.put)
+        tap.start(each(q))
         try:
             raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
             raw.bind((name, 0))

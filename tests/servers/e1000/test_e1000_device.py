@@ -11,6 +11,8 @@ import pytest
 from e1000_driver import (
     MAC,
     PEER,
+    RX_BUF,
+    RX_RING,
     CaptureBackend,
     Driver,
     ipv4_ok,
@@ -256,6 +258,39 @@ def test_tx_legacy_batch_and_status(drv: Driver) -> None:
     assert drv.rd(0x4080) == 0
 
 
+class StatusWatcher(CaptureBackend):
+    """Notes, as each frame goes out, whether its descriptor already says done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done_when_sent: list[bool] = []
+        self.driver: Driver | None = None
+
+    def _send(self, frame: bytes) -> bool:
+        assert self.driver is not None
+        self.done_when_sent.append(bool(self.driver.tx_status(len(self.sent)) & 1))
+        return super()._send(frame)
+
+
+def test_tx_frames_leave_before_their_status() -> None:
+    """A batch's frames reach the back end in order, each before DD is
+    written back for it (SDM 3.3.3.2: DD means the frame is gone)."""
+    watcher = StatusWatcher()
+    d = Driver(backend=watcher)
+    watcher.driver = d
+    try:
+        d.setup_tx(n=16)
+        frames = [tcp_frame(bytes([i]) * 50) for i in range(12)]
+        for f in frames:
+            d.legacy(f)
+        d.kick()
+        assert watcher.sent == frames
+        assert watcher.done_when_sent == [False] * 12
+        assert all(d.tx_status(i) & 1 for i in range(12))
+    finally:
+        d.close()
+
+
 def test_tx_multi_descriptor_frame_and_padding(drv: Driver) -> None:
     drv.setup_tx()
     frame = tcp_frame(b"p" * 300)
@@ -487,6 +522,125 @@ def test_rx_empty_ring_and_disabled(drv: Driver) -> None:
     assert not backend(drv).inject(tcp_frame(b"e", dst=MAC))
     drv.setup_rx(rctl=0)
     assert not backend(drv).inject(tcp_frame(b"e", dst=MAC))
+
+
+# -- receive batches: one lock, one write-back per stretch, the same result --------------
+
+
+def test_rx_batch_ring_full_drops_and_counts_the_rest(drv: Driver) -> None:
+    drv.setup_rx(n=8, fill=3)
+    drv.rd(R.ICR)
+    frames = [tcp_frame(bytes([i]) * 40, dst=MAC) for i in range(6)]
+    assert backend(drv).inject_batch(frames) == 3
+    assert [drv.rx_frame(i) for i in range(3)] == frames[:3]
+    assert drv.rd(R.RDH) == 3
+    assert drv.rd(0x4010) == 3 and drv.rd(0x40A0) == 3  # MPC, RNBC: the three that found no room
+    assert drv.rd(0x4074) == 3  # GPRC
+    assert drv.rd(R.ICR) & (R.ICR_RXO | R.ICR_RXT0) == R.ICR_RXO | R.ICR_RXT0
+
+
+def test_rx_batch_wraps_the_ring(drv: Driver) -> None:
+    drv.setup_rx(n=8)
+    drv.wr(R.RDH, 6)
+    drv.wr(R.RDT, 5)  # seven free, from descriptor 6 on
+    frames = [tcp_frame(bytes([i]) * 40, dst=MAC) for i in range(4)]
+    assert backend(drv).inject_batch(frames) == 4
+    assert drv.rd(R.RDH) == 2
+    for i, frame in zip((6, 7, 0, 1), frames, strict=True):
+        addr, length, _, status, errors, _ = drv.rx_desc(i)
+        assert addr == RX_BUF + i * 2048, "the address is written back as it was"
+        assert (length, status & 3, errors) == (len(frame) + 4, 3, 0)
+        assert drv.rx_frame(i) == frame
+    assert drv.rx_desc(2)[3] == 0, "nothing past the last frame"
+
+
+def test_rx_batch_statistics(drv: Driver) -> None:
+    """Counters after a batch are those of its frames one by one: sizes with
+    the FCS in their buckets, broadcast and multicast, 64-bit octets."""
+    drv.setup_rx(n=16, rctl=R.RCTL_EN | (1 << 15) | (1 << 4))  # BAM, MPE
+    group = bytes.fromhex("01005e000001")
+    frames = [tcp_frame(b"b", dst=b"\xff" * 6), tcp_frame(b"m" * 50, dst=group),
+              tcp_frame(b"u" * 1400, dst=MAC), tcp_frame(b"v" * 1400, dst=MAC),
+              tcp_frame(b"w" * 200, dst=MAC)]
+    assert backend(drv).inject_batch(frames) == 5
+    sizes = [max(len(f), 60) + 4 for f in frames]
+    assert sizes == [64, 108, 1458, 1458, 258]
+    expect = {"GPRC": 5, "TPR": 5, "BPRC": 1, "MPRC": 1, "PRC64": 1, "PRC127": 1, "PRC255": 0,
+              "PRC511": 1, "PRC1023": 0, "PRC1522": 2, "GORCL": sum(sizes), "TORL": sum(sizes),
+              "GORCH": 0}
+    assert {name: drv.dev.stat(name) for name in expect} == expect
+
+
+@pytest.mark.parametrize("rctl", [
+    R.RCTL_EN | (1 << 15) | (3 << 16),  # broadcast, 256-byte buffers, CRC stored
+    R.RCTL_EN | (1 << 15) | (3 << 16) | R.RCTL_SECRC | (1 << 8),  # RDMTS 1/4
+    R.RCTL_EN | (1 << 3) | R.RCTL_LPE | (2 << 8),  # promiscuous, 2048, long, RDMTS 1/8
+])
+def test_rx_batch_equals_frame_by_frame(rctl: int) -> None:
+    """The same frames, one at a time and as one batch, from a head near the
+    end of the ring with a NULL descriptor on the way: filtered, oversize,
+    tagged, short, multi-buffer, ring-full and wrapping frames leave the
+    same ring, buffers, statistics and interrupt causes."""
+    frames = [
+        tcp_frame(b"a" * 100, dst=MAC),
+        tcp_frame(b"x", dst=PEER),  # not ours (unless promiscuous)
+        tcp_frame(b"L" * 1600, dst=MAC),  # long: ROC unless LPE
+        vlan_frame(0x2064),  # stripped: CTRL.VME is set
+        tcp_frame(b"s", dst=b"\xff" * 6),  # broadcast, padded
+        tcp_frame(b"m" * 700, dst=MAC),  # several 256-byte buffers
+        udp_frame(b"u" * 301, dst=MAC),  # odd-sized
+        *[tcp_frame(bytes([i]) * 500, dst=MAC) for i in range(6)],  # the ring runs out
+        tcp_frame(b"t", dst=MAC),  # small enough for what is left
+    ]
+    single, batch = Driver(), Driver()
+    try:
+        for d in (single, batch):
+            d.setup_rx(n=16, rctl=rctl, bsize=2048 if rctl >> 16 & 3 == 0 else 256)
+            d.wr(R.CTRL, d.rd(R.CTRL) | R.CTRL_VME)
+            d.ram.write(RX_RING + 16 * 14, bytes(16))  # a NULL buffer
+            d.wr(R.RDH, 11)
+            d.wr(R.RDT, 9)
+            d.wr(R.IMS, R.ICR_RXT0 | R.ICR_RXO | R.ICR_RXDMT0)
+        stored = [backend(single).inject(f) for f in frames]
+        assert backend(batch).inject_batch(frames) == sum(stored)
+        assert 0 < sum(stored) < len(frames)
+        assert batch.rx_state() == single.rx_state()
+        # The driver hands buffers back; a second batch continues from there.
+        for d in (single, batch):
+            d.wr(R.RDT, (d.rd(R.RDH) - 1) % 16)
+        stored = [backend(single).inject(f) for f in frames[:8]]
+        assert backend(batch).inject_batch(frames[:8]) == sum(stored)
+        assert batch.rx_state() == single.rx_state()
+    finally:
+        single.close()
+        batch.close()
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_rx_descriptor_minimum_threshold(drv: Driver, batch: bool) -> None:
+    """RXDMT0 once free descriptors fall to half the ring (RDMTS 0, SDM 13.4.22)."""
+    drv.setup_rx(n=16)  # 15 free
+    drv.rd(R.ICR)
+    frames = [tcp_frame(bytes([i]), dst=MAC) for i in range(7)]
+    if batch:
+        assert backend(drv).inject_batch(frames[:6]) == 6
+    else:
+        assert all(backend(drv).inject(f) for f in frames[:6])
+    assert not drv.rd(R.ICR) & R.ICR_RXDMT0, "9 free"
+    assert backend(drv).inject_batch(frames[6:]) == 1
+    assert drv.rd(R.ICR) & R.ICR_RXDMT0, "8 free"
+
+
+def test_rx_batch_arms_the_delay_timer_once(drv: Driver) -> None:
+    drv.setup_rx()
+    drv.rd(R.ICR)
+    drv.wr(R.IMS, R.ICR_RXT0)
+    drv.wr(R.RDTR, 100)
+    assert backend(drv).inject_batch([tcp_frame(bytes([i]), dst=MAC) for i in range(5)]) == 5
+    drv.timers.advance(90e-6)
+    assert not drv.irq_level, "RDTR runs from the batch"
+    drv.timers.advance(20e-6)
+    assert drv.irq_level and drv.rd(R.ICR) & R.ICR_RXT0
 
 
 def test_mac_loopback(drv: Driver) -> None:
