@@ -132,9 +132,11 @@ class GuestMemory:
         first = offset >> PAGE_SHIFT
         bucket = self._bucket(index, first)
         if bucket.bad_pages:
-            for page in range(first + 1, (offset + n - 1 >> PAGE_SHIFT) + 1):
-                if page in bucket.bad_pages:
-                    bucket = self._bucket(index, page)
+            pages = range(first, (offset + n - 1 >> PAGE_SHIFT) + 1)
+            # Re-mapping may make good pages bad (the guest gave them back):
+            # check the new mapping again; a second bad page raises.
+            while (bad := next((p for p in pages if p in bucket.bad_pages), None)) is not None:
+                bucket = self._bucket(index, bad)
         return bucket, offset, n
 
     def readinto(self, gpa: int, buf: memoryview | bytearray) -> None:

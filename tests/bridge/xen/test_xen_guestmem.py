@@ -118,6 +118,19 @@ def test_access_over_a_page_populated_later_and_one_before_it(xen: FakeXen) -> N
     assert mem.read(2 * 4096 + 4090, 10) == b"abcdefghij"
 
 
+def test_a_re_map_that_loses_a_page_refuses_the_access(xen: FakeXen) -> None:
+    """Page 5 was a hole and is populated now, page 2 was good and is a
+    hole now: the access over 2..5 re-maps for page 5, and the new mapping
+    must be checked again, for page 2."""
+    mem = GuestMemory(xen, xen.domid)
+    xen.holes.add(5)
+    mem.read(0, 1)  # bucket 0 mapped with page 5 bad
+    xen.holes = {2}
+    with pytest.raises(GuestMemoryError):
+        mem.write(2 * 4096, b"\xAA" * (4 * 4096))
+    assert bytes(xen.ram[2 * 4096:6 * 4096]) == bytes(4 * 4096)
+
+
 def scattered(n: int, seed: int) -> list[tuple[int, int]]:
     """``n`` ranges of assorted sizes, none overlapping, all over the 4 MiB."""
     rng = random.Random(seed)
