@@ -121,14 +121,29 @@ class GuestMemory:
 
     def _chunks(self, gpa: int, length: int) -> list[tuple[_Bucket, int, int, int]]:
         """(bucket, offset in bucket, offset in caller's buffer, length) per page piece."""
-        pieces = []
+        spans = []
         done = 0
         while done < length:
             addr = gpa + done
             index, offset = addr >> BUCKET_SHIFT, addr & (BUCKET_SIZE - 1)
             n = min(length - done, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
-            pieces.append((self._bucket(index, offset >> PAGE_SHIFT), offset, done, n))
+            self._bucket(index, offset >> PAGE_SHIFT)
+            spans.append((index, offset, done, n))
             done += n
+        # A bad page late in the access may have re-mapped its bucket, which
+        # closes the mapping the earlier pages were checked against, and the
+        # new mapping may lack a page the guest gave back meanwhile: take
+        # every piece from the bucket as it is now and check it again.  The
+        # access spans fewer buckets than the cache holds, so none of them
+        # was evicted on the way.
+        pieces = []
+        for index, offset, at, n in spans:
+            bucket = self._buckets[index]
+            page = offset >> PAGE_SHIFT
+            if page in bucket.bad_pages:
+                raise GuestMemoryError((index << BUCKET_SHIFT) + (page << PAGE_SHIFT), PAGE_SIZE,
+                                       f"page not mapped (errno {bucket.errors[page]})")
+            pieces.append((bucket, offset, at, n))
         return pieces
 
     def readinto(self, gpa: int, buf: memoryview | bytearray) -> None:

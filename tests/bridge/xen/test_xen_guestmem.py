@@ -143,3 +143,25 @@ def test_threads_sharing_the_cache_never_copy_through_an_evicted_mapping() -> No
     xen.close()
     assert not errors, errors[:3]
     assert mem.mapped_buckets <= 3
+
+
+def test_remap_midway_through_an_access_checks_every_page_again(xen: FakeXen) -> None:
+    """Page 4 is good and page 5 a hole when the bucket is first mapped; the
+    guest then populates 5 and gives 4 back. An access over both re-maps the
+    bucket for page 5, which closes the mapping page 4 was checked against:
+    the access must fail cleanly, with nothing written, not copy through the
+    closed mapping or the now-missing page."""
+    mem = GuestMemory(xen, xen.domid)
+    xen.holes.add(5)
+    assert mem.read(4 * 4096, 4) == b"\0" * 4
+    xen.holes.discard(5)
+    xen.holes.add(4)
+    with pytest.raises(GuestMemoryError) as info:
+        mem.write(5 * 4096 - 8, b"\xAA" * 16)
+    assert info.value.errno == 14
+    assert bytes(xen.ram[5 * 4096 - 8:5 * 4096 + 8]) == b"\0" * 16
+    xen.holes.discard(4)  # both pages good again, but the bucket was re-mapped once
+    with pytest.raises(GuestMemoryError):
+        mem.read(4 * 4096, 4)
+    mem.write(5 * 4096, b"\xBB" * 4)  # page 5 works through the new mapping
+    assert bytes(xen.ram[5 * 4096:5 * 4096 + 4]) == b"\xBB" * 4
