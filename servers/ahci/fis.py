@@ -84,13 +84,24 @@ def parse_prdt(raw: bytes) -> tuple[list[SgEntry], bool]:
 
     DBC is a 0-based byte count (AHCI 4.2.3.3), so no entry is empty and the
     list is bounded by PRDTL: no zero-length loop (CVE-2014-9718 pattern).
+    Entries that continue each other in guest memory come back as one (the
+    data phase is the same, and a driver's list of pages or 64 KiB pieces of
+    one buffer becomes a single copy); this runs once per command.
     """
     sg: list[SgEntry] = []
-    irq = False
+    irq = 0
+    start = end = -1
     for dba, dbau, _rsvd, dw3 in _PRD.iter_unpack(raw):
-        sg.append(SgEntry(dbau << 32 | (dba & ~1), (dw3 & 0x3FFFFF) + 1))
-        irq |= bool(dw3 >> 31)
-    return sg, irq
+        addr = dbau << 32 | (dba & ~1)
+        irq |= dw3
+        if addr != end:
+            if end >= 0:
+                sg.append(SgEntry(start, end - start))
+            start = end = addr
+        end += (dw3 & 0x3FFFFF) + 1
+    if end >= 0:
+        sg.append(SgEntry(start, end - start))
+    return sg, bool(irq >> 31)
 
 
 def _taskfile_bytes(fis: bytearray, out: Outcome) -> None:
