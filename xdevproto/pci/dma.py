@@ -49,6 +49,12 @@ class DmaError(DeviceError):
     errno = errno.EFAULT
 
 
+class WouldBlock(Exception):
+    """Inside :meth:`GuestMemory.nowait`: the access needs a DMA message or
+    file data that is not in the page cache. Nothing the caller relies on has
+    happened; retry on a worker (a read may have filled part of its buffer)."""
+
+
 @dataclass(eq=False)
 class _Mapped:
     region: DmaRegion
@@ -114,6 +120,7 @@ class GuestMemory:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._tls = threading.local()  # per-thread: inside nowait()
         self._starts: list[int] = []
         self._regions: list[_Mapped] = []
         self.ctx: DeviceContext | None = None
@@ -327,8 +334,28 @@ class GuestMemory:
         for pos in range(0, len(src), step):
             self._message(ctx.dma_write, iova + pos, src[pos:pos + step])
 
+    @contextmanager
+    def nowait(self) -> Iterator[None]:
+        """Accesses in this thread raise :class:`WouldBlock` rather than wait
+        on a peer (DMA messages) or a disk (file data not in the page cache,
+        or any write to a file). A device uses it to finish short work on
+        the thread that took the request, without a hand-over to a worker,
+        and only where every such wait can be left to a worker instead."""
+        self._tls.nowait = True
+        try:
+            yield
+        finally:
+            self._tls.nowait = False
+
+    @property
+    def may_wait(self) -> bool:
+        """False inside :meth:`nowait` in this thread."""
+        return not getattr(self._tls, "nowait", False)
+
     def _message(self, fn: Callable[[int, A], T], addr: int, arg: A) -> T:
         """One DMA message; a refusal becomes a DmaError the device can report."""
+        if getattr(self._tls, "nowait", False):
+            raise WouldBlock("message DMA")
         with self._lock:
             self.in_message += 1
         try:
@@ -398,6 +425,8 @@ class GuestMemory:
         return self._file_io(fd, sg, offset, to_guest=False)
 
     def _file_io(self, fd: int, sg: Sequence[SgEntry], offset: int, to_guest: bool) -> int:
+        if getattr(self._tls, "nowait", False):
+            return self._file_io_nowait(fd, sg, offset, to_guest)
         total = 0
         # Half of IOV_MAX entries per call leaves room for entries that
         # cross from one DMA region into the next (two iovecs each).
@@ -413,8 +442,31 @@ class GuestMemory:
                 break
         return total
 
+    def _file_io_nowait(self, fd: int, sg: Sequence[SgEntry], offset: int,
+                        to_guest: bool) -> int:
+        """A read that the page cache answers whole, in one ``preadv`` with
+        RWF_NOWAIT; anything else raises WouldBlock (writes, message pieces,
+        data not cached, file systems without RWF_NOWAIT)."""
+        want = sum(e.length for e in sg)
+        if not to_guest or len(sg) > IOV_MAX // 2:
+            raise WouldBlock("file I/O")
+        try:
+            done = self._batched(fd, sg, offset, to_guest, os.RWF_NOWAIT)
+        except (BlockingIOError, OSError) as exc:
+            if isinstance(exc, BlockingIOError) or exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise WouldBlock("file data not in the page cache") from None
+            raise
+        if done is None or (done < want and done != self._file_left(fd, offset, want)):
+            raise WouldBlock("file data partly cached")
+        return done
+
+    @staticmethod
+    def _file_left(fd: int, offset: int, want: int) -> int:
+        """The bytes a read of ``want`` at ``offset`` finds before end of file."""
+        return max(0, min(want, os.fstat(fd).st_size - offset))
+
     def _batched(self, fd: int, sg: Sequence[SgEntry], offset: int,
-                 to_guest: bool) -> int | None:
+                 to_guest: bool, flags: int = 0) -> int | None:
         """One system call for ``sg`` if all of it is fd-mapped, else None
         (before any byte moved)."""
         with self._pin_sg(sg, to_guest) as pieces:
@@ -425,7 +477,8 @@ class GuestMemory:
             views = [p.entry.view[p.offset:p.offset + p.length]  # type: ignore[index]
                      for p in pieces]
             try:
-                done = (os.preadv if to_guest else os.pwritev)(fd, views, offset)
+                done = (os.preadv(fd, views, offset, flags) if to_guest
+                        else os.pwritev(fd, views, offset, flags))
             finally:
                 for v in views:
                     v.release()

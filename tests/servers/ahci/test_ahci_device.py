@@ -8,7 +8,7 @@ import shutil
 import struct
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,8 +35,9 @@ from ahci_phase import pattern
 from servers.ahci.ata import AtaDisk, Identity
 from servers.ahci.atapi import AtapiCdrom
 from servers.ahci.disk import SECTOR, DiskImage, DiskSpec
-from servers.ahci.port import PrdtPhase
+from servers.ahci.port import INLINE_MAX, PrdtPhase
 from xdevproto.errors import DeviceError
+from xdevproto.pci.dma import WouldBlock
 from xdevproto.wire import IrqIndex, SetIrqsFlags
 
 SECTORS = 4096
@@ -75,6 +76,23 @@ def drv(image: Path, iso: Path) -> Iterator[AhciDriver]:
     d.port_start(1)
     yield d
     d.close()
+
+
+def slow_disk(d: AhciDriver, wait: Callable[[], object]) -> None:
+    """Port 0's disk takes ``wait()`` for every command, as a disk without
+    the data cached would: inside ``nowait`` (the register thread's inline
+    reads) it refuses, as RWF_NOWAIT does, and the command goes to a worker."""
+    drive = d.dev.ports[0].drive
+    assert drive is not None
+    real = drive.execute
+
+    def execute(tf, data, cdb=b""):  # type: ignore[no-untyped-def]
+        if not data.dma.may_wait:
+            raise WouldBlock("sectors not cached")
+        wait()
+        return real(tf, data, cdb)
+
+    drive.execute = execute  # type: ignore[method-assign]
 
 
 def read(d: AhciDriver, lba: int, n: int, chunk: int = 0) -> tuple[int, bytes]:
@@ -220,20 +238,75 @@ def test_ncq_32_tags(drv: AhciDriver) -> None:
 
 def test_ncq_commands_really_run_concurrently(drv: AhciDriver) -> None:
     barrier = threading.Barrier(32, timeout=10)
-    drive = drv.dev.ports[0].drive
-    assert drive is not None
-    real = drive.execute
-
-    def gated(tf, data, cdb=b""):
-        barrier.wait()  # breaks (and the command fails) unless all 32 are in flight at once
-        return real(tf, data, cdb)
-
-    drive.execute = gated  # type: ignore[method-assign]
+    # The barrier breaks (and the command fails) unless all 32 are in flight at once.
+    slow_disk(drv, barrier.wait)
     for tag in range(32):
         ncq_read(drv, tag, tag, 1)
     drv.issue(0, 0xFFFFFFFF, ncq=True)
     pis = drv.wait_done(0, 0xFFFFFFFF)
     assert not pis & (TFES | HBFS | IFS) and not barrier.broken
+
+
+def _count_worker_jobs(drv: AhciDriver) -> list[object]:
+    jobs: list[object] = []
+    work = drv.dev.work
+    real = work.submit
+
+    def submit(fn, done=None):  # type: ignore[no-untyped-def]
+        jobs.append(fn)
+        return real(fn, done)
+
+    work.submit = submit  # type: ignore[method-assign]
+    return jobs
+
+
+def test_cached_short_reads_complete_without_a_worker(drv: AhciDriver) -> None:
+    """The page cache holds the image (it was just written): 32 NCQ reads of
+    4 KiB and a READ DMA EXT finish on the register thread, data intact."""
+    jobs = _count_worker_jobs(drv)
+    for tag in range(32):
+        ncq_read(drv, tag, tag * 100, 8)
+    drv.issue(0, 0xFFFFFFFF, ncq=True)
+    assert not drv.wait_done(0, 0xFFFFFFFF) & (TFES | HBFS | IFS)
+    for tag in range(32):
+        assert drv.ram.read(DATA_BASE + tag * 0x10000, 8 * SECTOR) == pattern(tag * 100, 8)
+    pis, data = read(drv, 7, 16)
+    assert not pis & TFES and data == pattern(7, 16)
+    assert jobs == []
+
+
+def test_reads_that_would_wait_go_to_workers(drv: AhciDriver,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uncached data (RWF_NOWAIT says EAGAIN), a long read and a write each
+    take a worker, and every one completes with the right data."""
+    jobs = _count_worker_jobs(drv)
+    real = os.preadv
+    refused = []
+
+    def preadv(fd, bufs, offset, flags=0):  # type: ignore[no-untyped-def]
+        if flags & os.RWF_NOWAIT:
+            refused.append(offset)
+            raise BlockingIOError(11, "not cached")
+        return real(fd, bufs, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    ncq_read(drv, 3, 300, 8)
+    drv.issue(0, 1 << 3, ncq=True)
+    assert not drv.wait_done(0, 1 << 3) & (TFES | HBFS | IFS)
+    assert drv.ram.read(DATA_BASE + 3 * 0x10000, 8 * SECTOR) == pattern(300, 8)
+    assert refused == [300 * SECTOR] and len(jobs) == 1
+    monkeypatch.setattr(os, "preadv", real)
+    n = INLINE_MAX // SECTOR + 8
+    pis, got = read(drv, 0, n)
+    assert not pis & TFES and got == pattern(0, n)
+    assert len(jobs) == 2
+    data = os.urandom(8 * SECTOR)
+    drv.ram.write(DATA_BASE, data)
+    drv.build(0, 5, h2d(0x61, lba=40, count=5 << 3, features=8),
+              [(DATA_BASE, len(data), False)], write=True)
+    drv.issue(0, 1 << 5, ncq=True)
+    assert not drv.wait_done(0, 1 << 5) & TFES
+    assert len(jobs) == 3
 
 
 def test_ncq_write_and_error_log(drv: AhciDriver, image: Path) -> None:
@@ -395,15 +468,7 @@ def test_no_fis_receive_still_completes_cve_2019_12067(drv: AhciDriver) -> None:
 
 def test_registers_answer_while_io_is_blocked(drv: AhciDriver) -> None:
     gate = threading.Event()
-    drive = drv.dev.ports[0].drive
-    assert drive is not None
-    real = drive.execute
-
-    def slow(tf, data, cdb=b""):
-        gate.wait(10)
-        return real(tf, data, cdb)
-
-    drive.execute = slow  # type: ignore[method-assign]
+    slow_disk(drv, lambda: gate.wait(10))
     drv.build(0, 0, h2d(0x25, lba=0, count=1), [(DATA_BASE, 512, False)])
     drv.issue(0, 1)
     for _ in range(100):
@@ -582,15 +647,7 @@ def test_start_stop_storm_keeps_work_bounded(drv: AhciDriver) -> None:
     """Toggling ST with commands stuck in I/O never queues more than MAX_INFLIGHT jobs."""
     from servers.ahci.port import MAX_INFLIGHT
     gate = threading.Event()
-    drive = drv.dev.ports[0].drive
-    assert drive is not None
-    real = drive.execute
-
-    def stuck(tf, data, cdb=b""):
-        gate.wait(10)
-        return real(tf, data, cdb)
-
-    drive.execute = stuck  # type: ignore[method-assign]
+    slow_disk(drv, lambda: gate.wait(10))
     for tag in range(32):
         ncq_read(drv, tag, tag, 1)
     peak = 0
