@@ -99,6 +99,15 @@ class DeviceContext(abc.ABC):
     def max_data_xfer_size(self) -> int:
         """The largest single DMA message the client accepts."""
 
+    def file_io(self, fd: int, ranges: Sequence[tuple[int, int]], offset: int,
+                to_guest: bool) -> int | None:
+        """``preadv`` (``to_guest``) or ``pwritev`` between file ``fd`` at
+        ``offset`` and the guest ranges (iova, length) of regions mapped
+        without an fd, when the runtime reaches guest memory itself (an xdev
+        guest-memory extension): the bytes moved, short at end of file. None
+        when it cannot, and the caller uses messages."""
+        return None
+
 
 class Device(abc.ABC):
     """A vfio-user device (vfio-user spec, "Device information" onwards)."""

@@ -415,11 +415,15 @@ class GuestMemory:
 
     def _batched(self, fd: int, sg: Sequence[SgEntry], offset: int,
                  to_guest: bool) -> int | None:
-        """One system call for ``sg`` if all of it is fd-mapped, else None
-        (before any byte moved)."""
+        """One system call for ``sg`` if all of it is fd-mapped (or the
+        runtime reaches all of it itself, see DeviceContext.file_io), else
+        None (before any byte moved)."""
         with self._pin_sg(sg, to_guest) as pieces:
             if any(p.entry.view is None for p in pieces):
-                return None
+                if self.ctx is None or any(p.entry.view is not None for p in pieces):
+                    return None
+                return self.ctx.file_io(fd, [(p.iova, p.length) for p in pieces], offset,
+                                        to_guest)
             if len(pieces) > IOV_MAX:
                 return None
             views = [p.entry.view[p.offset:p.offset + p.length]  # type: ignore[index]
