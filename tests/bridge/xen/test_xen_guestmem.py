@@ -105,6 +105,102 @@ def test_one_access_never_spans_more_buckets_than_the_cache(xen: FakeXen) -> Non
         GuestMemory(xen, xen.domid, max_buckets=1)
 
 
+def test_access_over_a_page_populated_later_and_one_before_it(xen: FakeXen) -> None:
+    """The bad page re-maps its bucket in the middle of an access: the
+    pieces before it must use the new mapping, not the closed one."""
+    mem = GuestMemory(xen, xen.domid)
+    xen.holes.add(3)
+    with pytest.raises(GuestMemoryError):
+        mem.read(3 * 4096, 4)
+    xen.holes.discard(3)
+    mem.write(2 * 4096 + 4090, b"abcdefghij")  # page 2, then page 3
+    assert bytes(xen.ram[2 * 4096 + 4090:2 * 4096 + 4100]) == b"abcdefghij"
+    assert mem.read(2 * 4096 + 4090, 10) == b"abcdefghij"
+
+
+def test_a_re_map_that_loses_a_page_refuses_the_access(xen: FakeXen) -> None:
+    """Page 5 was a hole and is populated now, page 2 was good and is a
+    hole now: the access over 2..5 re-maps for page 5, and the new mapping
+    must be checked again, for page 2."""
+    mem = GuestMemory(xen, xen.domid)
+    xen.holes.add(5)
+    mem.read(0, 1)  # bucket 0 mapped with page 5 bad
+    xen.holes = {2}
+    with pytest.raises(GuestMemoryError):
+        mem.write(2 * 4096, b"\xAA" * (4 * 4096))
+    assert bytes(xen.ram[2 * 4096:6 * 4096]) == bytes(4 * 4096)
+
+
+def scattered(n: int, seed: int) -> list[tuple[int, int]]:
+    """``n`` ranges of assorted sizes, none overlapping, all over the 4 MiB."""
+    rng = random.Random(seed)
+    pages = rng.sample(range(0, 1022, 2), n)  # a range covers at most two pages
+    return [(p * 4096 + rng.randrange(64), rng.choice((512, 4000, 6000))) for p in pages]
+
+
+@pytest.mark.parametrize("max_buckets", [2, 3, 64])
+def test_file_io_moves_scattered_ranges_through_the_mappings(
+        xen: FakeXen, tmp_path, max_buckets: int) -> None:
+    mem = GuestMemory(xen, xen.domid, max_buckets=max_buckets)
+    ranges = scattered(300, max_buckets)
+    total = sum(n for _, n in ranges)
+    content = random.Random(1).randbytes(total + 100)
+    path = tmp_path / "disk"
+    path.write_bytes(content)
+    with open(path, "r+b") as f:
+        assert mem.file_io(f.fileno(), ranges, 100, to_guest=True) == total
+        pos = 100
+        for gpa, n in ranges:
+            assert bytes(xen.ram[gpa:gpa + n]) == content[pos:pos + n]
+            pos += n
+        assert mem.mapped_buckets <= max_buckets
+        # And back out, reversed, somewhere else in the file.
+        back = list(reversed(ranges))
+        assert mem.file_io(f.fileno(), back, 0, to_guest=False) == total
+        f.seek(0)
+        expect = b"".join(bytes(xen.ram[g:g + n]) for g, n in back)
+        assert f.read(total) == expect
+
+
+def test_file_io_short_at_end_of_file_and_refused_hole(xen: FakeXen, tmp_path) -> None:
+    mem = GuestMemory(xen, xen.domid, max_buckets=2)
+    path = tmp_path / "disk"
+    path.write_bytes(b"x" * 5000)
+    ranges = [(0x10000, 4096), (2 * MiB, 4096)]
+    with open(path, "rb") as f:
+        assert mem.file_io(f.fileno(), ranges, 0, to_guest=True) == 5000
+        assert bytes(xen.ram[2 * MiB:2 * MiB + 904]) == b"x" * 904
+        assert bytes(xen.ram[2 * MiB + 904:2 * MiB + 4096]) == bytes(3192)
+        xen.holes.add(3 * MiB // 4096)
+        with pytest.raises(GuestMemoryError):
+            mem.file_io(f.fileno(), [(0x20000, 100), (3 * MiB, 100)], 0, to_guest=True)
+        assert bytes(xen.ram[3 * MiB:3 * MiB + 100]) == bytes(100)
+        with pytest.raises(GuestMemoryError):
+            mem.file_io(f.fileno(), [(4 * MiB - 10, 100)], 0, to_guest=True)
+
+
+def test_file_io_passes_rwf_nowait_to_the_file(xen: FakeXen, tmp_path) -> None:
+    """A device's inline read (GuestMemory.nowait) asks with RWF_NOWAIT: data
+    not in the page cache raises BlockingIOError instead of waiting."""
+    import os
+    mem = GuestMemory(xen, xen.domid)
+    path = tmp_path / "disk"
+    path.write_bytes(b"y" * 8192)
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        try:
+            os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        except OSError:
+            pytest.skip("this file system refuses RWF_NOWAIT reads (tmpfs)")
+        assert mem.file_io(fd, [(0x3000, 8192)], 0, True, os.RWF_NOWAIT) == 8192
+        assert bytes(xen.ram[0x3000:0x5000]) == b"y" * 8192
+        os.fsync(fd)  # dirty pages stay cached
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(BlockingIOError):
+            mem.file_io(fd, [(0x8000, 4096)], 0, True, os.RWF_NOWAIT)
+        assert mem.file_io(fd, [(0x8000, 4096)], 0, True) == 4096
+
+
 class SlowMapXen(FakeXen):
     """Mapping takes a while (as a real hypercall does), so other threads run meanwhile."""
 
