@@ -13,7 +13,6 @@ messages. Standard peers ignore the key.
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
 from typing import Any
 
 from bridge.xen.errors import XenError
@@ -38,14 +37,6 @@ class DmaMemory:
     def write(self, addr: int, data: bytes) -> None:
         try:
             self.memory.write(addr, data)
-        except XenError as exc:
-            raise DeviceError(str(exc), errno.EFAULT) from None
-
-    def file_io(self, fd: int, ranges: Sequence[tuple[int, int]], offset: int,
-                to_guest: bool, flags: int = 0) -> int:
-        """Disk data straight between a file and the guest (see GuestMemory.file_io)."""
-        try:
-            return self.memory.file_io(fd, ranges, offset, to_guest, flags)
         except XenError as exc:
             raise DeviceError(str(exc), errno.EFAULT) from None
 

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bridge.xen.abi import PAGE_SHIFT, PAGE_SIZE
@@ -44,7 +42,6 @@ PAGES_PER_BUCKET = BUCKET_SIZE >> PAGE_SHIFT
 DEFAULT_MAX_BUCKETS = 64  # 64 MiB of address space mapped at most
 DEFAULT_LIMIT = 1 << 52  # x86-64 architectural maximum physical address width
 MAX_ACCESS = 1 << 24  # one call moves at most 16 MiB
-IOV_MAX = 1024  # iovecs one preadv/pwritev takes (Linux UIO_MAXIOV)
 
 log = logging.getLogger(__name__)
 
@@ -122,29 +119,39 @@ class GuestMemory:
         bucket = self._buckets.pop(index)
         bucket.mapping.close()
 
-    def _run(self, addr: int, length: int) -> tuple[_Bucket, int, int]:
-        """(bucket, offset in it, bytes) of the longest piece of ``[addr,
-        addr+length)`` inside one bucket, every page of it valid. A bad page
-        re-maps the bucket once, before the bucket is returned, so no piece
-        handed out refers to a mapping it closed."""
-        index, offset = addr >> BUCKET_SHIFT, addr & (BUCKET_SIZE - 1)
-        n = min(length, BUCKET_SIZE - offset)
-        first = offset >> PAGE_SHIFT
-        bucket = self._bucket(index, first)
-        if bucket.bad_pages:
-            pages = range(first, (offset + n - 1 >> PAGE_SHIFT) + 1)
-            # Re-mapping may make good pages bad (the guest gave them back):
-            # check the new mapping again; a second bad page raises.
-            while (bad := next((p for p in pages if p in bucket.bad_pages), None)) is not None:
-                bucket = self._bucket(index, bad)
-        return bucket, offset, n
+    def _chunks(self, gpa: int, length: int) -> list[tuple[_Bucket, int, int, int]]:
+        """(bucket, offset in bucket, offset in caller's buffer, length) per page piece."""
+        spans = []
+        done = 0
+        while done < length:
+            addr = gpa + done
+            index, offset = addr >> BUCKET_SHIFT, addr & (BUCKET_SIZE - 1)
+            n = min(length - done, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
+            self._bucket(index, offset >> PAGE_SHIFT)
+            spans.append((index, offset, done, n))
+            done += n
+        # A bad page late in the access may have re-mapped its bucket, which
+        # closes the mapping the earlier pages were checked against, and the
+        # new mapping may lack a page the guest gave back meanwhile: take
+        # every piece from the bucket as it is now and check it again.  The
+        # access spans fewer buckets than the cache holds, so none of them
+        # was evicted on the way.
+        pieces = []
+        for index, offset, at, n in spans:
+            bucket = self._buckets[index]
+            page = offset >> PAGE_SHIFT
+            if page in bucket.bad_pages:
+                raise GuestMemoryError((index << BUCKET_SHIFT) + (page << PAGE_SHIFT), PAGE_SIZE,
+                                       f"page not mapped (errno {bucket.errors[page]})")
+            pieces.append((bucket, offset, at, n))
+        return pieces
 
     def readinto(self, gpa: int, buf: memoryview | bytearray) -> None:
         """Fill ``buf`` from guest-physical ``gpa``; all or nothing is validated first."""
         out = memoryview(buf).cast("B")
         self._check(gpa, len(out))
         with self._lock:
-            for bucket, offset, at, n in self._pieces(gpa, len(out)):
+            for bucket, offset, at, n in self._chunks(gpa, len(out)):
                 out[at:at + n] = bucket.mapping.view[offset:offset + n]
 
     def read(self, gpa: int, length: int) -> bytes:
@@ -158,74 +165,8 @@ class GuestMemory:
         src = memoryview(data).cast("B")
         self._check(gpa, len(src))
         with self._lock:
-            for bucket, offset, at, n in self._pieces(gpa, len(src)):
+            for bucket, offset, at, n in self._chunks(gpa, len(src)):
                 bucket.mapping.view[offset:offset + n] = src[at:at + n]
-
-    def _pieces(self, gpa: int, length: int) -> list[tuple[_Bucket, int, int, int]]:
-        """(bucket, offset in it, offset in the caller's buffer, bytes) per
-        bucket; an access spans fewer buckets than the cache holds (see
-        ``_max_access``), so none is evicted before the copy (lock held)."""
-        pieces = []
-        done = 0
-        while done < length:
-            bucket, offset, n = self._run(gpa + done, length - done)
-            pieces.append((bucket, offset, done, n))
-            done += n
-        return pieces
-
-    def file_io(self, fd: int, ranges: Sequence[tuple[int, int]], offset: int,
-                to_guest: bool, flags: int = 0) -> int:
-        """``preadv`` (``to_guest``) or ``pwritev`` between file ``fd`` at
-        ``offset`` and the guest-physical ``ranges`` in order, straight
-        through the mappings: a disk command's data is not copied through
-        Python, and a scatter-gather list takes a system call per group of
-        buckets rather than one per page. Returns the bytes moved (short at
-        end of file); GuestMemoryError before the group it falls in moves,
-        OSError from the file as it is (BlockingIOError for RWF_NOWAIT in ``flags``)."""
-        for gpa, length in ranges:
-            self._check(gpa, length)
-        call = os.preadv if to_guest else os.pwritev
-        views: list[memoryview] = []
-        group: set[int] = set()
-        total = want = 0
-
-        def flush() -> bool:
-            """Move the group; False when the file came up short."""
-            nonlocal total, want
-            try:
-                done = call(fd, views, offset + total, flags) if views else 0
-            finally:
-                for view in views:
-                    view.release()
-                views.clear()
-                group.clear()
-            total += done
-            short, want = done < want, 0
-            return not short
-
-        with self._lock:
-            try:
-                for gpa, length in ranges:
-                    pos = 0
-                    while pos < length:
-                        addr = gpa + pos
-                        index = addr >> BUCKET_SHIFT
-                        # The group's buckets stay mapped until it moved: at
-                        # most all but one of the cache, and none re-mapped.
-                        full = (len(group) >= self._max - 1 if index not in group
-                                else bool(self._buckets[index].bad_pages))
-                        if (full or len(views) >= IOV_MAX) and not flush():
-                            return total
-                        bucket, boff, n = self._run(addr, length - pos)
-                        group.add(index)
-                        views.append(bucket.mapping.view[boff:boff + n])
-                        want += n
-                        pos += n
-                flush()
-            finally:
-                for view in views:
-                    view.release()
-        return total
 
     def invalidate(self) -> None:
         """Drop every mapping (IOREQ_TYPE_INVALIDATE)."""
