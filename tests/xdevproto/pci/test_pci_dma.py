@@ -8,13 +8,14 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from xdevproto.device import DeviceContext, DmaRegion
 from xdevproto.errors import DeviceError, RemoteError
 from xdevproto.guestmem import MemfdRam
-from xdevproto.pci.dma import DmaError, GuestMemory, SgEntry
+from xdevproto.pci.dma import DmaError, GuestMemory, SgEntry, WouldBlock
 
 PAGE = 4096
 
@@ -185,6 +186,49 @@ def test_preadv_pwritev_straight_into_guest_memory(ram: MemfdRam, gm: GuestMemor
         assert os.pread(f.fileno(), 3 * 512, 4096) == payload
         # past end of file: short count
         assert gm.preadv(f.fileno(), [SgEntry(0, 1024)], 4096 + 3 * 512 - 100) == 100
+
+
+def _nowait_reads(fd: int) -> bool:
+    """Whether the file system answers RWF_NOWAIT reads (tmpfs does not)."""
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except OSError:
+        return False
+    return True
+
+
+def test_nowait_refuses_what_would_wait(ram: MemfdRam, gm: GuestMemory,
+                                        tmp_path: Path) -> None:
+    """Inside nowait(): fd-mapped memory and cached file data work; a DMA
+    message to a peer, a file write and uncached data raise WouldBlock.
+    Outside it, everything works as before."""
+    gm.map(memfd_region(ram, 0, PAGE))
+    ctx = FakeContext(8 * PAGE, 4 * PAGE)
+    gm.ctx = ctx
+    gm.map(DmaRegion(8 * PAGE, 4 * PAGE, True, True))
+    with open(tmp_path / "disk", "w+b") as f:
+        payload = os.urandom(1024)
+        os.pwrite(f.fileno(), payload, 0)
+        if not _nowait_reads(f.fileno()):  # every read refuses: correct, and nothing more to see
+            with gm.nowait(), pytest.raises(WouldBlock):
+                gm.preadv(f.fileno(), [SgEntry(0, 1024)], 0)
+            return
+        with gm.nowait():
+            assert not gm.may_wait
+            gm.write(0x10, b"abc")
+            assert gm.read(0x10, 3) == b"abc"
+            with pytest.raises(WouldBlock):
+                gm.read(8 * PAGE, 4)
+            with pytest.raises(WouldBlock):
+                gm.pwritev(f.fileno(), [SgEntry(0, 512)], 0)
+            assert gm.preadv(f.fileno(), [SgEntry(0, 1024)], 0) == 1024  # cached: just written
+        assert gm.may_wait and ctx.messages == []
+        assert ram.read(0, 1024) == payload
+        assert gm.read(8 * PAGE, 4) == bytes(4)  # outside nowait: a message
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        with gm.nowait(), pytest.raises(WouldBlock):
+            gm.preadv(f.fileno(), [SgEntry(0, 1024)], 0)
 
 
 def test_unmap_waits_for_in_flight_dma(ram: MemfdRam, gm: GuestMemory) -> None:
