@@ -152,7 +152,6 @@ class Port:
         self.halted = False
         self.srst = False
         self.deferred = 0  # issued slots waiting for old work to drain (see issue)
-        self.inline = True  # short cached reads may run on the register thread
 
     # -- register helpers --------------------------------------------------------------
     def get(self, name: str) -> int:
@@ -266,7 +265,7 @@ class Port:
                     self.deferred |= 1 << slot
                     continue
                 self.inflight += 1
-                if self.inline and self._run_inline(clb, slot):
+                if self._run_inline(clb, slot):
                     continue
                 self.hba.work.submit(partial(self._fetch_and_run, clb, slot, self.gen),
                                      partial(self._fetched, self.gen, slot))
@@ -285,11 +284,9 @@ class Port:
             return False
         if not cmd.h2d.c or cmd.h2d.tf.command not in INLINE_COMMANDS \
                 or not isinstance(self.drive, AtaDisk) \
-                or sum(e.length for e in cmd.sg) > INLINE_MAX:
-            self._fetched(gen, slot, Fetched(cmd, False), None)
-            return True
-        if self.queue or self.halted or not self._may_start(cmd):
-            self._fetched(gen, slot, Fetched(cmd, False), None)
+                or sum(e.length for e in cmd.sg) > INLINE_MAX \
+                or self.queue or self.halted or not self._may_start(cmd):
+            self._fetched(gen, slot, Fetched(cmd, False), None)  # queued for a worker
             return True
         fb = self._claim(cmd, new_job=False)
         try:

@@ -354,7 +354,7 @@ class GuestMemory:
 
     def _message(self, fn: Callable[[int, A], T], addr: int, arg: A) -> T:
         """One DMA message; a refusal becomes a DmaError the device can report."""
-        if getattr(self._tls, "nowait", False):
+        if not self.may_wait:
             raise WouldBlock("message DMA")
         with self._lock:
             self.in_message += 1
@@ -425,7 +425,7 @@ class GuestMemory:
         return self._file_io(fd, sg, offset, to_guest=False)
 
     def _file_io(self, fd: int, sg: Sequence[SgEntry], offset: int, to_guest: bool) -> int:
-        if getattr(self._tls, "nowait", False):
+        if not self.may_wait:
             return self._file_io_nowait(fd, sg, offset, to_guest)
         total = 0
         # Half of IOV_MAX entries per call leaves room for entries that
@@ -452,8 +452,8 @@ class GuestMemory:
             raise WouldBlock("file I/O")
         try:
             done = self._batched(fd, sg, offset, to_guest, os.RWF_NOWAIT)
-        except (BlockingIOError, OSError) as exc:
-            if isinstance(exc, BlockingIOError) or exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+        except OSError as exc:  # EAGAIN: not cached; EOPNOTSUPP/EINVAL: no RWF_NOWAIT here
+            if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
                 raise WouldBlock("file data not in the page cache") from None
             raise
         if done is None or (done < want and done != self._file_left(fd, offset, want)):
