@@ -8,8 +8,9 @@ dom0 mounts under /xdev.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bridge.emuhost.errors import BootError
@@ -43,6 +44,10 @@ class BootConfig:
                                  "guest_loglvl=all")
     dom0_args: tuple[str, ...] = ("root=/dev/vda", "ro", "console=hvc0", "quiet")
     qemu: str = "qemu-system-x86_64"
+    #: TCG's threading: "multi" (one host thread per vCPU, the default) or
+    #: "single" (one thread for all; slower). $XDEV_EMUHOST_TCG picks it,
+    #: to tell emulator faults from xdev's (docs/emuhost.md).
+    tcg_threads: str = field(default_factory=lambda: os.environ.get("XDEV_EMUHOST_TCG", "multi"))
     #: From QEMU's start to dom0 ready for jobs: ~30 s idle, 120 s seen with
     #: two emulated hosts sharing two cores.
     boot_timeout_s: float = 420.0
@@ -66,13 +71,15 @@ def qemu_command(
     """QEMU's argv. ``console`` is a chardev spec for the serial line
     (``file:PATH`` for runs, ``mon:stdio`` for an interactive shell)."""
     dom0 = f"{image.dom0_kernel} {' '.join(boot.dom0_args)}"
+    if boot.tcg_threads not in ("multi", "single"):
+        raise BootError(f"TCG threading must be multi or single, not {boot.tcg_threads!r}")
     if "," in dom0 or "," in str(image.dom0_initrd):
         # -initrd separates multiboot modules with commas.
         raise BootError("dom0 kernel arguments and paths must not contain ','")
     argv = [
         boot.qemu,
         "-machine", "pc",
-        "-accel", "tcg,thread=multi",
+        "-accel", f"tcg,thread={boot.tcg_threads}",
         # Without -smap,-smep dom0 (PV) crashes under TCG's emulated CPU.
         "-cpu", "max,-smap,-smep",
         "-smp", str(boot.cpus),

@@ -193,6 +193,20 @@ def test_qemu_command_boots_xen_with_dom0_modules_and_shares(tmp_path: Path) -> 
     assert "-no-reboot" in argv
 
 
+def test_tcg_threading_defaults_to_multi_and_follows_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = _fake_image(tmp_path)
+    monkeypatch.delenv("XDEV_EMUHOST_TCG", raising=False)
+    argv = qemu_command(image, BootConfig(), {}, console="file:/x")
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
+    monkeypatch.setenv("XDEV_EMUHOST_TCG", "single")
+    argv = qemu_command(image, BootConfig(), {}, console="file:/x")
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
+    monkeypatch.setenv("XDEV_EMUHOST_TCG", "many")
+    with pytest.raises(BootError):
+        qemu_command(image, BootConfig(), {}, console="file:/x")
+
+
 def test_qemu_command_refuses_commas_in_dom0_args(tmp_path: Path) -> None:
     image = _fake_image(tmp_path)
     with pytest.raises(BootError):
