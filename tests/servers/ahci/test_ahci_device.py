@@ -222,6 +222,14 @@ def ncq_read(drv: AhciDriver, slot: int, lba: int, n: int) -> None:
               [(DATA_BASE + slot * 0x10000, n * SECTOR, False)])
 
 
+def ncq_write(drv: AhciDriver, slot: int, lba: int, data: bytes) -> None:
+    """WRITE FPDMA QUEUED of ``data`` (whole sectors) from DATA_BASE, issued."""
+    drv.ram.write(DATA_BASE, data)
+    drv.build(0, slot, h2d(0x61, lba=lba, count=slot << 3, features=len(data) // SECTOR),
+              [(DATA_BASE, len(data), False)], write=True)
+    drv.issue(0, 1 << slot, ncq=True)
+
+
 def test_ncq_32_tags(drv: AhciDriver) -> None:
     for tag in range(32):
         ncq_read(drv, tag, tag * 100, 8)
@@ -300,21 +308,14 @@ def test_reads_that_would_wait_go_to_workers(drv: AhciDriver,
     pis, got = read(drv, 0, n)
     assert not pis & TFES and got == pattern(0, n)
     assert len(jobs) == 2
-    data = os.urandom(8 * SECTOR)
-    drv.ram.write(DATA_BASE, data)
-    drv.build(0, 5, h2d(0x61, lba=40, count=5 << 3, features=8),
-              [(DATA_BASE, len(data), False)], write=True)
-    drv.issue(0, 1 << 5, ncq=True)
+    ncq_write(drv, 5, 40, os.urandom(8 * SECTOR))
     assert not drv.wait_done(0, 1 << 5) & TFES
     assert len(jobs) == 3
 
 
 def test_ncq_write_and_error_log(drv: AhciDriver, image: Path) -> None:
     data = os.urandom(4 * SECTOR)
-    drv.ram.write(DATA_BASE, data)
-    drv.build(0, 5, h2d(0x61, lba=40, count=5 << 3, features=4),
-              [(DATA_BASE, len(data), False)], write=True)
-    drv.issue(0, 1 << 5, ncq=True)
+    ncq_write(drv, 5, 40, data)
     assert not drv.wait_done(0, 1 << 5) & TFES
     assert image.read_bytes()[40 * SECTOR:44 * SECTOR] == data
     # a tag past the end: TFES, SDB with ERR, the error log names the tag
