@@ -40,7 +40,7 @@ def inet_sum(data: Buf, start: int = 0) -> int:
     Since 2**16 is 1 modulo 0xFFFF, the words' end-around-carry sum is the
     whole buffer read as one big number modulo 0xFFFF (RFC 1071 section 2),
     which int.from_bytes computes in C; only 0 versus 0xFFFF needs care."""
-    n = _span_residue(data, 0, len(data))
+    n = _residue(data)
     folded = (n << 8 if len(data) & 1 else n) % 0xFFFF  # the pad byte
     if folded == 0 and any(data):
         folded = 0xFFFF
@@ -274,6 +274,8 @@ RXD_ERR_IPE = 0x40
 
 RXCSUM_IPOFL = 1 << 8
 RXCSUM_TUOFL = 1 << 9
+# IPv4 total length, identification, flags/fragment offset, TTL, protocol.
+_IP_FIELDS = struct.Struct(">HHHBB").unpack_from
 
 
 def rx_checksum(frame: bytes, rxcsum: int) -> tuple[int, int, int]:
@@ -281,23 +283,30 @@ def rx_checksum(frame: bytes, rxcsum: int) -> tuple[int, int, int]:
     (SDM 3.2.9 and 13.4.41 RXCSUM). Without IPOFL/TUOFL the device says
     "ignore checksum" (IXSM). ``frame`` is untagged.
 
-    Summing a frame is the costly part, so each byte is summed once: the
-    packet checksum (from PCSS to the end) reuses the TCP/UDP segment's
-    sum wherever the segment lies after PCSS. Pieces of a buffer read as
-    big-endian numbers combine modulo 0xFFFF like the buffer itself (see
-    :func:`inet_sum`): appending ``k`` bytes multiplies by 2**(8k), which
-    is 1 for even ``k`` and 256 (``<< 8``) for odd ``k``. This runs for
-    every frame received, so the IPv4 checks are written out here rather
-    than spread over helpers."""
+    Summing a frame is the costly part, so the frame is summed once: the
+    bytes from PCSS to the end, read as one big-endian number modulo
+    0xFFFF (see :func:`inet_sum`). The TCP/UDP segment's residue follows
+    from it by taking off the bytes before and after the segment, which
+    are few: placing ``k`` bytes after a number multiplies it by 2**(8k),
+    which is 1 modulo 0xFFFF for even ``k`` and 256 for odd ``k``, and 256
+    is its own inverse (256 * 256 = 65536 = 1). This runs for every frame
+    received, so the IPv4 checks are written out here rather than spread
+    over helpers."""
     pcss = rxcsum & 0xFF
     size = len(frame)
+    whole = _residue(frame[pcss:] if pcss else frame)
+    # The packet checksum: an odd count is padded with a zero byte; a sum
+    # that is 0 modulo 0xFFFF is 0xFFFF unless every byte is zero.
+    pkt_sum = (whole << 8 if (size - pcss) & 1 else whole) % 0xFFFF if pcss < size else 0
+    if pkt_sum == 0 and any(frame[pcss:]):
+        pkt_sum = 0xFFFF
     if not rxcsum & (RXCSUM_IPOFL | RXCSUM_TUOFL):
-        return RXD_STAT_IXSM, 0, _packet_sum(frame, pcss, None)
+        return RXD_STAT_IXSM, 0, pkt_sum
     if size < ETH_HLEN + 20 or frame[12] != 0x08 or frame[13] != 0x00:
-        return 0, 0, _packet_sum(frame, pcss, None)  # not IPv4: nothing to check
+        return 0, 0, pkt_sum  # not IPv4: nothing to check
     ihl = (frame[ETH_HLEN] & 0x0F) * 4
     if frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or ETH_HLEN + ihl > size:
-        return 0, 0, _packet_sum(frame, pcss, None)
+        return 0, 0, pkt_sum
     # Each sum checked below includes a nonzero word (the IP version, the
     # protocol), so it folds to 0xFFFF, the good value, exactly when it is
     # 0 modulo 0xFFFF.
@@ -306,48 +315,43 @@ def rx_checksum(frame: bytes, rxcsum: int) -> tuple[int, int, int]:
         status = RXD_STAT_IPCS
         if int.from_bytes(frame[ETH_HLEN:ETH_HLEN + ihl], "big") % 0xFFFF:
             errors = RXD_ERR_IPE
-    total, _, fragment, _, proto = struct.unpack_from(">HHHBB", frame, ETH_HLEN + 2)
+    total, _, fragment, _, proto = _IP_FIELDS(frame, ETH_HLEN + 2)
     start, end = ETH_HLEN + ihl, ETH_HLEN + total
     if not (rxcsum & RXCSUM_TUOFL and proto in (6, 17) and not fragment & 0x3FFF
             and start + 8 <= end <= size):
-        return status, errors, _packet_sum(frame, pcss, None)
-    segment = _span_residue(frame, start, end)
+        return status, errors, pkt_sum
     if proto == 6 or frame[start + 6] or frame[start + 7]:  # UDP may carry no checksum
+        if pcss <= start:
+            # whole = before * 2**(8 (size - start)) + segment * 2**(8 (size - end)) + after
+            before = int.from_bytes(frame[pcss:start], "big")
+            rest = whole - (before << 8 if (size - start) & 1 else before)
+            if end < size:
+                rest -= _residue(frame[end:])
+            segment = rest << 8 if (size - end) & 1 else rest
+        else:
+            segment = _residue(frame[start:end])
         # The pseudo header: source and destination address, protocol, length.
         pseudo = int.from_bytes(frame[ETH_HLEN + 12:ETH_HLEN + 20], "big") + proto + end - start
         status |= RXD_STAT_TCPCS
         if ((segment << 8 if (end - start) & 1 else segment) + pseudo) % 0xFFFF:  # odd: padded
             errors |= RXD_ERR_TCPE
-    if pcss > start:
-        return status, errors, _packet_sum(frame, pcss, None)
-    # The packet checksum: the bytes from PCSS on, the segment, what follows it.
-    n = int.from_bytes(frame[pcss:start], "big")
-    n = (n << 8 if (end - start) & 1 else n) + segment
-    if end < size:
-        n = (n << 8 if (size - end) & 1 else n) + int.from_bytes(frame[end:], "big")
-    return status, errors, _packet_sum(frame, pcss, n)
+    return status, errors, pkt_sum
 
 
-def _packet_sum(frame: bytes, pcss: int, n: int | None) -> int:
-    """The ones'-complement sum from PCSS to the end (the descriptor's
-    checksum field); ``n``, when the caller has it, is congruent to those
-    bytes read as a number, modulo 0xFFFF."""
-    size = len(frame) - pcss
-    if size <= 0:
-        return 0
-    if n is None:
-        n = _span_residue(frame, pcss, len(frame))
-    total = (n << 8 if size & 1 else n) % 0xFFFF  # the pad byte
-    if total == 0 and any(frame[pcss:]):
-        return 0xFFFF  # a nonzero sum that is 0 modulo 0xFFFF
-    return total
+# Where _residue folds: multiples of 16 bits, so the parts add up to the
+# same residue, and of 30 bits, CPython's digit, so the shifts move whole
+# digits. The first halves a 1500-byte frame, the second halves that.
+_FOLD1, _FOLD2 = 5760, 2880
+_MASK1, _MASK2 = (1 << _FOLD1) - 1, (1 << _FOLD2) - 1
 
 
-def _span_residue(frame: Buf, start: int, end: int) -> int:
-    """``frame[start:end]`` read as one big-endian number, modulo 0xFFFF.
-    Taken in two halves added first: the remainder divides a long number
-    digit by digit, so one half as long saves more than the addition costs."""
-    mid = (start + end) // 2
-    high = int.from_bytes(frame[start:mid], "big")
-    low = int.from_bytes(frame[mid:end], "big")
-    return ((high << 8 if (end - mid) & 1 else high) + low) % 0xFFFF
+def _residue(data: Buf) -> int:
+    """A number congruent to ``data`` read as one big-endian number, modulo
+    0xFFFF, and much shorter than it. As 2**16 is 1 modulo 0xFFFF, the part
+    above a multiple of 16 bits plus the part below is congruent to the
+    whole; two such folds, a shift and a mask each, leave the remainder a
+    quarter of the digits to divide, one by one."""
+    n = int.from_bytes(data, "big")
+    n = (n >> _FOLD1) + (n & _MASK1)
+    return (n >> _FOLD2) + (n & _MASK2)
+
