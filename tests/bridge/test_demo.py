@@ -31,9 +31,38 @@ host_address = "169.254.1.1/24"
     assert serve.bridge_argv(plan) == [
         "--domain", "web1", "--device", "00:05.0=unix:/run/xdev/ahci-demo.sock",
         "--device", "00:06.0=unix:/run/xdev/e1000-demo.sock"]
-    # plain processes run as root in dom0: they map the guest themselves
-    assert serve.server_argv(plan, "ahci") == ["--disk", "file=/srv/a.img", "--xen-foreign-dma"]
+    # DMA by messages through the bridge unless foreign_dma asks otherwise
+    assert serve.server_argv(plan, "ahci") == ["--disk", "file=/srv/a.img"]
+    assert serve.server_argv(plan, "e1000") == ["--mac", "52:54:00:12:34:56",
+                                                "--netdev", "tap,ifname=t0"]
+
+
+def test_foreign_dma_only_when_asked_and_only_for_processes(tmp_path: Path) -> None:
+    plan = serve.load_plan(_write(tmp_path, """
+[guest]
+xl_config = "CFG"
+[disk]
+image = "/srv/a.img"
+engine = "libvfio-user"
+[nic]
+tap = "t0"
+[run]
+foreign_dma = true
+"""))
+    # root in dom0 may map the guest; libvfio-user answers VERSION itself
     assert serve.server_argv(plan, "e1000")[-2:] == ["tap,ifname=t0", "--xen-foreign-dma"]
+    assert "--xen-foreign-dma" not in serve.server_argv(plan, "ahci")
+    for bad, message in (('foreign_dma = "yes"', "true or false"),
+                         ('foreign_dma = true\nlauncher = "systemd"', "launcher")):
+        with pytest.raises(serve.ServeError, match=message):
+            serve.load_plan(_write(tmp_path, f"""
+[guest]
+xl_config = "CFG"
+[disk]
+image = "/var/lib/xdev/images/a.img"
+[run]
+{bad}
+"""))
 
 
 def test_engine_reaches_both_servers_or_the_one_that_names_it(tmp_path: Path) -> None:
@@ -59,7 +88,7 @@ engine = "libvfio-user"
 tap = "t0"
 """))
     assert serve.server_argv(plan, "ahci")[-2:] == ["--engine", "libvfio-user"]
-    assert serve.server_argv(plan, "e1000")[-2:] == ["tap,ifname=t0", "--xen-foreign-dma"]
+    assert serve.server_argv(plan, "e1000")[-1] == "tap,ifname=t0"
 
 
 @pytest.mark.parametrize("text, message", [
