@@ -72,6 +72,7 @@ class ServerStats:
     invalid: int = 0
     handler_errors: int = 0
     spurious: int = 0
+    invalidations: int = 0  # IOREQ_TYPE_INVALIDATE: the guest's physmap shrank
 
 
 class IoreqServer:
@@ -307,6 +308,9 @@ class IoreqServer:
 
     def _perform(self, req: Ioreq) -> int | None:
         if req.type is IoreqType.INVALIDATE:
+            self.stats.invalidations += 1
+            log.info("domain %d: INVALIDATE (%d so far): guest memory mappings dropped",
+                     self.domid, self.stats.invalidations)
             if self._memory is not None:
                 self._memory.invalidate()
             self._handler.invalidate()

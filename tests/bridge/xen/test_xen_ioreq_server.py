@@ -188,6 +188,7 @@ def test_invalidate_drops_guest_mappings_and_tells_the_handler(
     assert memory.mapped_buckets == 0
     assert handler.calls == [("invalidate",)]
     assert xen.slot(sid(server), 0).state == IoreqState.IORESP_READY
+    assert server.stats.invalidations == 1
 
 
 def buf(typ: int, size_log2: int, addr: int, data: int, direction: int = 0) -> bytes:
