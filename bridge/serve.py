@@ -181,8 +181,8 @@ def server_argv(plan: Plan, kind: str) -> list[str]:
     engine = [] if chosen == "native" else ["--engine", chosen]
     if chosen == "native" and plan.foreign_dma:
         # Root in dom0 may map the guest: DMA without messages through the
-        # bridge. Asked for only: under the emulated Xen host, guests served
-        # this way saw corrupted data (docs/xdev-demo.md).
+        # bridge. Asked for only: such a server never hears of the guest's
+        # INVALIDATEs, so its mappings can go stale (docs/xdev-demo.md).
         engine.append("--xen-foreign-dma")
     if kind == "ahci":
         argv = [] if plan.disk is None else ["--disk", f"file={plan.disk}"]
