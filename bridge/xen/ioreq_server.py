@@ -309,8 +309,10 @@ class IoreqServer:
     def _perform(self, req: Ioreq) -> int | None:
         if req.type is IoreqType.INVALIDATE:
             self.stats.invalidations += 1
-            log.info("domain %d: INVALIDATE (%d so far): guest memory mappings dropped",
-                     self.domid, self.stats.invalidations)
+            n = self.stats.invalidations
+            if n <= 20 or n % 1000 == 0:  # a ballooning guest sends them by the thousand
+                log.info("domain %d: INVALIDATE (%d so far): guest memory mappings dropped",
+                         self.domid, n)
             if self._memory is not None:
                 self._memory.invalidate()
             self._handler.invalidate()
