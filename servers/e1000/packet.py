@@ -14,7 +14,6 @@ CVE-2015-6815) is refused with :class:`OffloadError`.
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 
 ETH_HLEN = 14
@@ -180,12 +179,6 @@ def insert_vlan(frame: bytes | bytearray, tpid: int, tci: int) -> bytearray:
     out += struct.pack(">HH", tpid & 0xFFFF, tci & 0xFFFF)
     out += frame[12:]
     return out
-
-
-def fcs(frame: bytes | bytearray) -> bytes:
-    """The frame check sequence the wire carries after ``frame`` (IEEE 802.3
-    CRC-32, least significant byte first)."""
-    return struct.pack("<I", zlib.crc32(frame))
 
 
 def pad(frame: bytes | bytearray) -> bytes | bytearray:

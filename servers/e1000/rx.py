@@ -52,7 +52,9 @@ _ADDRS = [struct.Struct("<" + "Q8x" * k) for k in range(PREFETCH + 1)]
 # A legacy receive descriptor (SDM 3.2.3): buffer address, length, packet
 # checksum, status, errors, special.
 _DESC = struct.Struct("<QHHBBH")
-_FCS = struct.Struct("<I").pack  # the CRC-32 as the wire carries it (packet.fcs)
+# The frame check sequence stored after a frame without RCTL.SECRC: the
+# IEEE 802.3 CRC-32, least significant byte first, as the wire carries it.
+_FCS = struct.Struct("<I").pack
 
 _BSIZE = {(0, 0): 2048, (0, 1): 1024, (0, 2): 512, (0, 3): 256,
           (1, 0): 2048, (1, 1): 16384, (1, 2): 8192, (1, 3): 4096}
@@ -131,7 +133,7 @@ class Receiver:
                 missed += 1
                 continue
             csum_status, errors, pkt_sum = packet.rx_checksum(frame, rxcsum)
-            data = frame + _FCS(zlib.crc32(frame)) if crc else frame  # packet.fcs, inline
+            data = frame + _FCS(zlib.crc32(frame)) if crc else frame
             if walk.store(data, status | csum_status, errors, pkt_sum, special):
                 stored.append(frame)
             else:
