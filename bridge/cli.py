@@ -99,10 +99,9 @@ def parse_args(argv: list[str]) -> Config:
 class XenFrontend:
     """The core's Frontend over an ioreq server and Xen's interrupt calls."""
 
-    def __init__(self, irqs: Interrupts, memory: GuestMemory) -> None:
+    def __init__(self, irqs: Interrupts) -> None:
         self.ioreq: IoreqServer | None = None
         self.irqs = irqs
-        self.memory = memory
 
     def claim_range(self, mmio: bool, start: int, end: int) -> None:
         if self.ioreq is not None:
@@ -122,9 +121,6 @@ class XenFrontend:
             self.irqs.inject_msi(addr, data)
         except XenError as exc:
             log.warning("MSI not delivered: %s", exc)
-
-    def invalidate_guest_memory(self) -> None:
-        self.memory.invalidate()
 
 
 def run(cfg: Config, *, xen: XenBackend | None = None, xs_client: Any = None,
@@ -146,7 +142,7 @@ def run(cfg: Config, *, xen: XenBackend | None = None, xs_client: Any = None,
     memory = GuestMemory(xen, domid)
     irqs = Interrupts(xen, domid)
     stop = stop or threading.Event()
-    frontend = XenFrontend(irqs, memory)
+    frontend = XenFrontend(irqs)
     bridge = Bridge(frontend)
     ioreq = IoreqServer(xen, domid, bridge, memory=memory, nr_vcpus=vcpus)
     frontend.ioreq = ioreq

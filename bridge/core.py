@@ -296,6 +296,18 @@ class BridgeDevice:
                 os.close(fd)
         self.irq_fds = {}
 
+    def invalidate_guest_memory(self) -> None:
+        """Pass an invalidation on to a server that maps the guest itself.
+        One that refuses or fails is cut off like a dead one: its session
+        ends, which closes its mappings, and a reconnect maps afresh."""
+        client = self.client
+        if client is None or not client.direct_memory:
+            return
+        try:
+            client.invalidate_guest_memory()
+        except (OSError, VfioUserError) as exc:
+            self._died(exc)
+
     # -- forwarding ----------------------------------------------------------------
     def _call(self, fn: Callable[[Client], bytes | None]) -> bytes | None:
         client = self.client
@@ -651,9 +663,11 @@ class Bridge:
             dev.config_write(reg, size, value)
 
     def invalidate(self) -> None:
-        invalidate = getattr(self.frontend, "invalidate_guest_memory", None)
-        if invalidate is not None:
-            invalidate()
+        """The guest's memory map changed (Xen's INVALIDATE; the ioreq server
+        has dropped the bridge's own mappings): make every server that maps
+        the guest itself drop its, before the caller completes the request."""
+        for dev in self.devices.values():
+            dev.invalidate_guest_memory()
 
 
 def _ones(size: int) -> int:

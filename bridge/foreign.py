@@ -23,7 +23,12 @@ KIND = "xen-foreign"
 
 
 class DmaMemory:
-    """Guest RAM with Xen's errors turned into the reply's errno (EFAULT)."""
+    """Guest RAM with Xen's errors turned into the reply's errno (EFAULT).
+
+    The bridge serves DMA messages from one; a device server that took the
+    offer maps the guest through its own, which drops its mappings when the
+    bridge passes an INVALIDATE on (XDEV_GUEST_MEMORY_INVALIDATE).
+    """
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
@@ -39,6 +44,12 @@ class DmaMemory:
             self.memory.write(addr, data)
         except XenError as exc:
             raise DeviceError(str(exc), errno.EFAULT) from None
+
+    def invalidate(self) -> None:
+        self.memory.invalidate()
+
+    def close(self) -> None:
+        self.memory.close()
 
 
 def offer(domid: int) -> dict[str, Any]:

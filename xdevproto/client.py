@@ -113,6 +113,10 @@ class Client:
             reply = self._await(None)
         if reply.error:
             raise RemoteError(Command.VERSION, reply.error)
+        if self._accepted_memory() is not None and not self.direct_memory:
+            close_fds(reply.fds)
+            raise PeerProtocolError("server maps guest memory itself but does not "
+                                    "drop its mappings on invalidation", fatal=True)
         if reply.fds:
             try:
                 tsock = socket.socket(fileno=reply.fds[0])
@@ -127,12 +131,22 @@ class Client:
             # blocked on it costs the main socket's round trips nothing.
             self.start_dma_service()
 
-    @property
-    def direct_memory(self) -> bool:
-        """The server accepted our guest-memory offer."""
+    def _accepted_memory(self) -> Any:
         neg = self.conn.negotiated
         ext = neg.extensions.get(wire.XDEV_EXTENSION) if neg else None
-        return isinstance(ext, dict) and "guest_memory" in ext
+        return ext.get("guest_memory") if isinstance(ext, dict) else None
+
+    @property
+    def direct_memory(self) -> bool:
+        """The server accepted our guest-memory offer (and with it
+        :meth:`invalidate_guest_memory`)."""
+        accepted = self._accepted_memory()
+        return isinstance(accepted, dict) and accepted.get("invalidate") is True
+
+    def invalidate_guest_memory(self) -> None:
+        """Make a server that maps guest memory itself drop every mapping;
+        returns once it has (see wire.XDEV_EXTENSION)."""
+        self.call(Command.XDEV_GUEST_MEMORY_INVALIDATE, b"")
 
     @property
     def server_max_xfer(self) -> int:

@@ -26,6 +26,18 @@ class GuestMemory(Protocol):
     def write(self, addr: int, data: bytes) -> None: ...
 
 
+class MappedGuestMemory(GuestMemory, Protocol):
+    """Guest memory a *server* maps by itself (the xdev guest-memory
+    extension, e.g. Xen foreign mappings): besides read and write it drops
+    every mapping on :meth:`invalidate` (the client's
+    XDEV_GUEST_MEMORY_INVALIDATE; later accesses map afresh) and for good on
+    :meth:`close` (the session's end; later accesses fail)."""
+
+    def invalidate(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class MemfdRam:
     """``size`` bytes of RAM at guest address ``base``, backed by a memfd."""
 

@@ -39,7 +39,7 @@ from .connection import (
 from .device import Device, DeviceContext, DmaRegion, RegionDesc
 from .errors import ConnectionClosed, DeviceError, PeerProtocolError, VfioUserError
 from .features import handle_feature
-from .guestmem import GuestMemory
+from .guestmem import MappedGuestMemory
 from .transport import Transport, peer_credentials
 from .wire import Command, SetIrqsFlags
 
@@ -107,7 +107,7 @@ class Session(DeviceContext):
         self.attached = False
         self._twin: tuple[Transport, Connection] | None = None
         self._twin_lock = threading.Lock()
-        self.direct_memory: GuestMemory | None = None
+        self.direct_memory: MappedGuestMemory | None = None
 
     # -- DeviceContext -----------------------------------------------------------
     @property
@@ -133,13 +133,14 @@ class Session(DeviceContext):
             except Exception as exc:  # the offer is the peer's; refusing it is enough
                 log.warning("guest memory %r offered but not usable: %s", kind, exc)
             else:
-                exts[wire.XDEV_EXTENSION] = {"guest_memory": {"kind": kind}}
+                exts[wire.XDEV_EXTENSION] = {"guest_memory": {"kind": kind, "invalidate": True}}
                 log.info("DMA through %s guest memory, without messages", kind)
         self.conn.our_caps = dataclasses.replace(caps, extensions=exts)
 
     def dma_read(self, iova: int, length: int) -> bytes:
-        if self.direct_memory is not None:
-            return self.direct_memory.read(iova, length)
+        direct = self.direct_memory  # once: the session's end may drop it
+        if direct is not None:
+            return direct.read(iova, length)
         out = bytearray()
         step = self.max_data_xfer_size
         while len(out) < length:
@@ -154,8 +155,9 @@ class Session(DeviceContext):
         return bytes(out)
 
     def dma_write(self, iova: int, data: bytes | memoryview) -> None:
-        if self.direct_memory is not None:
-            self.direct_memory.write(iova, bytes(data))
+        direct = self.direct_memory
+        if direct is not None:
+            direct.write(iova, bytes(data))
             return
         step = self.max_data_xfer_size
         view = memoryview(data)
@@ -412,10 +414,19 @@ class Session(DeviceContext):
                 self.device.detach()
             except Exception:
                 log.exception("device failed to detach")
+        self._drop_direct_memory()
         self.conn.close()
         if self._twin is not None:
             self._twin[0].close()
         self.transport.close()
+
+    def _drop_direct_memory(self) -> None:
+        memory, self.direct_memory = self.direct_memory, None
+        if memory is not None:
+            try:
+                memory.close()
+            except Exception:
+                log.exception("guest memory mappings not released")
 
     def _unmap(self, region: DmaRegion) -> None:
         try:
@@ -462,7 +473,7 @@ class Server:
         capabilities: wire.Capabilities | None = None,
         twin_socket: bool = True,
         allowed_uids: Iterable[int] | None = None,
-        guest_mappers: Mapping[str, Callable[[dict[str, Any]], GuestMemory]] | None = None,
+        guest_mappers: Mapping[str, Callable[[dict[str, Any]], MappedGuestMemory]] | None = None,
     ) -> None:
         """``guest_mappers``: kinds of guest memory this server can map by
         itself (see Session.accept_guest_memory), e.g. ``xen-foreign``."""
@@ -711,6 +722,16 @@ def _write_multi(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[i
     return wire.WriteMultiReply(len(p.entries)), []
 
 
+def _invalidate_guest_memory(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    memory = s.direct_memory
+    if memory is None:
+        raise DeviceError("no guest memory of the xdev extension to invalidate", errno.ENOTSUP)
+    # Copies hold the mapper's lock, so none is half done on a dropped
+    # mapping; the next access maps the guest's frames as they are now.
+    memory.invalidate()
+    return NOTHING
+
+
 def _reset(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
     s.device.reset()
     return NOTHING
@@ -754,6 +775,7 @@ HANDLERS: dict[Command, Handler] = {
     Command.DEVICE_FEATURE: _feature,
     Command.MIG_DATA_READ: _mig_data_read,
     Command.MIG_DATA_WRITE: _mig_data_write,
+    Command.XDEV_GUEST_MEMORY_INVALIDATE: _invalidate_guest_memory,
 }
 
 

@@ -59,6 +59,10 @@ class Command(enum.IntEnum):
     DEVICE_FEATURE = 16
     MIG_DATA_READ = 17
     MIG_DATA_WRITE = 18
+    #: xdev's own (not in the spec), sent only to a server that accepted the
+    #: xdev guest-memory extension in VERSION: drop every mapping of guest
+    #: memory the server made itself, before replying (see XDEV_EXTENSION).
+    XDEV_GUEST_MEMORY_INVALIDATE = 0xC000
 
 
 #: Commands a server may send to its client ("Server-to-client commands").
@@ -221,6 +225,16 @@ WRITE_MULTI_DATA = 8
 #: Capability key of xdev's own VERSION extensions. A peer that does not know
 #: it ignores it (unknown keys are ignored by the spec), and a server only
 #: echoes what it accepted, so standard peers are unaffected.
+#:
+#: ``{"xdev": {"guest_memory": {"kind": K, ...}}}`` from a client offers
+#: guest memory the server may map itself (e.g. Xen foreign mappings of the
+#: guest), so that its DMA needs no DMA_READ/DMA_WRITE messages. A server
+#: accepts by echoing ``{"guest_memory": {"kind": K, "invalidate": true}}``:
+#: it then answers XDEV_GUEST_MEMORY_INVALIDATE, which the client sends
+#: whenever the guest's memory map changes (Xen's IOREQ_TYPE_INVALIDATE) and
+#: which must drop every mapping before its reply. A client refuses an
+#: acceptance without ``invalidate``: such a server would keep using frames
+#: that no longer belong to the guest.
 XDEV_EXTENSION = "xdev"
 
 # Domain aliases keep the declarations readable.
@@ -1101,6 +1115,7 @@ REQUEST_TYPES: dict[Command, type[Payload]] = {
     Command.DEVICE_FEATURE: DeviceFeature,
     Command.MIG_DATA_READ: MigData,
     Command.MIG_DATA_WRITE: MigData,
+    Command.XDEV_GUEST_MEMORY_INVALIDATE: Empty,
 }
 
 REPLY_TYPES: dict[Command, type[Payload]] = {

@@ -73,7 +73,9 @@ class GuestMemory:
         self._max_access = min(MAX_ACCESS, (max_buckets - 1) * BUCKET_SIZE)
         self._buckets: collections.OrderedDict[int, _Bucket] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._closed = False
         self.maps = 0  # buckets mapped so far (tests and statistics)
+        self.invalidations = 0
 
     def _check(self, gpa: int, length: int) -> None:
         if length < 0 or length > self._max_access:
@@ -82,6 +84,8 @@ class GuestMemory:
             raise GuestMemoryError(gpa, length, f"beyond guest address limit {self._limit:#x}")
 
     def _map(self, index: int) -> _Bucket:
+        if self._closed:
+            raise GuestMemoryError(index << BUCKET_SHIFT, BUCKET_SIZE, "guest memory closed")
         first = index * PAGES_PER_BUCKET
         try:
             mapping, errors = self._xen.map_foreign(
@@ -169,8 +173,11 @@ class GuestMemory:
                 bucket.mapping.view[offset:offset + n] = src[at:at + n]
 
     def invalidate(self) -> None:
-        """Drop every mapping (IOREQ_TYPE_INVALIDATE)."""
+        """Drop every mapping (IOREQ_TYPE_INVALIDATE).  An access in progress
+        holds the lock, so it finishes on the old mapping first; the next
+        one maps the guest's frames as they are now."""
         with self._lock:
+            self.invalidations += 1
             for index in list(self._buckets):
                 self._drop(index)
 
@@ -179,4 +186,8 @@ class GuestMemory:
         return len(self._buckets)
 
     def close(self) -> None:
-        self.invalidate()
+        """Drop every mapping for good: later accesses fail."""
+        with self._lock:
+            self._closed = True
+            for index in list(self._buckets):
+                self._drop(index)

@@ -4,6 +4,7 @@ served over a UNIX socket."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import struct
 import threading
@@ -15,8 +16,10 @@ import pytest
 
 from bridge.cli import Config, DeviceSpec, parse_args, run
 from bridge.core import parse_bdf
+from bridge.foreign import DmaMemory
 from bridge.xen.abi import IoreqDir, IoreqState, IoreqType
 from bridge.xen.fake import FakeXen
+from bridge.xen.guestmem import GuestMemory
 from xdevproto.server import Server
 from xdevproto.testdev import ID_VALUE, TestDevice
 from xdevproto.transport import listen
@@ -85,19 +88,21 @@ def wait_for(pred, timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-@pytest.fixture
-def rig(tmp_path: Path):
+@contextlib.contextmanager
+def bridge_rig(tmp_path: Path, mappers=None):
+    """Test device server, fake Xen and the bridge's run() in threads.
+    ``mappers(xen)``: the server's guest mappers (the xdev extension)."""
     device = TestDevice()
     cfg_space = device.config
     cfg_space[0x34] = 0x40
     cfg_space[0x3D] = 1
     cfg_space[0x40:0x42] = bytes([0x05, 0x00])
     struct.pack_into("<H", cfg_space, 0x42, 0x0080)
-    server = Server(device)
+    xen = FakeXen(domid=7, vcpus=2)
+    server = Server(device, guest_mappers=mappers(xen) if mappers else None)
     listener = listen(str(tmp_path / "dev.sock"))
     sthread = threading.Thread(target=server.serve, args=(listener,), daemon=True)
     sthread.start()
-    xen = FakeXen(domid=7, vcpus=2)
     xs = FakeXenstore(7)
     stop = threading.Event()
     cfg = Config("guest", (DeviceSpec(SBDF, BDF, str(tmp_path / "dev.sock")),), None, False,
@@ -106,14 +111,22 @@ def rig(tmp_path: Path):
     bthread = threading.Thread(target=lambda: result.append(run(cfg, xen=xen, xs_client=xs,
                                                                 stop=stop)), daemon=True)
     bthread.start()
-    wait_for(lambda: any(s.enabled for s in xen.servers.values())
-             and xs.data.get(b"/local/domain/0/xdev/7/state") == b"running")
-    yield xen, xs, device, stop, bthread, result
-    stop.set()
-    bthread.join(5)
-    server.stop()
-    sthread.join(5)
-    listener.close()
+    try:
+        wait_for(lambda: any(s.enabled for s in xen.servers.values())
+                 and xs.data.get(b"/local/domain/0/xdev/7/state") == b"running")
+        yield xen, xs, device, stop, bthread, result
+    finally:
+        stop.set()
+        bthread.join(5)
+        server.stop()
+        sthread.join(5)
+        listener.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path):
+    with bridge_rig(tmp_path) as parts:
+        yield parts
 
 
 def access(xen: FakeXen, typ: IoreqType, d: IoreqDir, addr: int, size: int,
@@ -161,6 +174,58 @@ def test_guest_death_stops_the_bridge(rig) -> None:
     bthread.join(10)
     assert not bthread.is_alive() and result == [0]
     assert xs.data.get(b"/local/domain/0/xdev/7/state") == b"closed"
+
+
+class WatchedMemory(DmaMemory):
+    """A server's foreign mapping of the guest whose invalidate() waits for
+    the test's go-ahead, so the test sees what happens meanwhile."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        super().__init__(memory)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.closed = threading.Event()
+
+    def invalidate(self) -> None:
+        self.entered.set()
+        assert self.go.wait(10)
+        super().invalidate()
+
+    def close(self) -> None:
+        super().close()
+        self.closed.set()
+
+
+def test_invalidate_reaches_servers_that_map_the_guest_before_it_completes(
+        tmp_path: Path) -> None:
+    """The stale-mapping hazard: Xen tells only ioreq servers that the
+    guest's memory map changed. The bridge must make a server that maps the
+    guest itself drop its mappings before the INVALIDATE completes."""
+    made: list[WatchedMemory] = []
+
+    def mappers(xen: FakeXen):
+        def xen_foreign(params):
+            made.append(WatchedMemory(GuestMemory(xen, params["domid"])))
+            return made[-1]
+        return {"xen-foreign": xen_foreign}
+
+    with bridge_rig(tmp_path, mappers) as (xen, xs, device, stop, bthread, result):
+        (mem,) = made
+        xen.ram[0x2000:0x2008] = b"in-guest"
+        assert device.ctx.dma_read(0x2000, 8) == b"in-guest"  # no DMA_READ message
+        assert mem.memory.mapped_buckets == 1
+        sid = next(iter(xen.servers))
+        xen.send(sid, 1, IoreqType.INVALIDATE, W, 0, 4, data=(1 << 64) - 1)
+        assert mem.entered.wait(5)
+        time.sleep(0.2)
+        assert xen.slot(sid, 1).state != IoreqState.IORESP_READY  # still waiting on us
+        mem.go.set()
+        wait_for(lambda: xen.slot(sid, 1).state == IoreqState.IORESP_READY)
+        assert mem.memory.mapped_buckets == 0 and mem.memory.invalidations == 1
+        assert device.ctx.dma_read(0x2000, 8) == b"in-guest"  # maps afresh
+        stop.set()
+        bthread.join(5)
+        assert mem.closed.wait(5)  # the session's end drops the mappings for good
 
 
 def test_command_line() -> None:

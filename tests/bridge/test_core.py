@@ -223,3 +223,61 @@ def test_server_death_and_return(rig) -> None:
     assert bytes(served.device.regs[0x100:0x108]) == b"again!!!"
     served.device._signal(IrqIndex.INTX, 0)
     wait_for(lambda: front.intx and front.intx[-1][2] == 1)
+
+
+class FailingMapping:
+    """A server's own mapping of guest RAM whose invalidation fails."""
+
+    def __init__(self, ram: MemfdRam) -> None:
+        self.ram = ram
+        self.fail = True
+        self.invalidations = 0
+
+    def read(self, addr: int, length: int) -> bytes:
+        return self.ram.read(addr, length)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.ram.write(addr, data)
+
+    def invalidate(self) -> None:
+        self.invalidations += 1
+        if self.fail:
+            raise OSError("cannot unmap")
+
+    def close(self) -> None:
+        pass
+
+
+def test_server_that_cannot_drop_its_guest_mappings_is_cut_off(tmp_path) -> None:
+    """An invalidation the server does not carry out would leave it writing
+    frames the guest no longer owns: the bridge ends that session (which
+    closes the server's mappings) and reconnects as for a dead server."""
+    ram = MemfdRam(1 << 20)
+    mapping = FailingMapping(ram)
+    device = TestDevice()
+    server = Server(device, guest_mappers={"test": lambda _p: mapping})
+    listener = listen(str(tmp_path / "d.sock"))
+    sthread = threading.Thread(target=server.serve, args=(listener,), daemon=True)
+    sthread.start()
+    front = FakeFrontend()
+    bridge = Bridge(front)
+    dev = BridgeDevice(SBDF, str(tmp_path / "d.sock"), front, ram,
+                       dma_ranges=[(0, 1 << 20)], guest_memory_offer={"kind": "test"})
+    bridge.add(dev)
+    bridge.start()
+    try:
+        assert dev.client is not None and dev.client.direct_memory
+        first = dev.client
+        bridge.invalidate()
+        assert mapping.invalidations == 1 and not dev.alive
+        mapping.fail = False
+        wait_for(lambda: dev.alive)
+        assert dev.client is not first and dev.client.direct_memory
+        bridge.invalidate()
+        assert mapping.invalidations == 2 and dev.client is not None
+    finally:
+        bridge.stop()
+        server.stop()
+        sthread.join(5)
+        listener.close()
+        ram.close()

@@ -3,6 +3,7 @@ UNIX socket through every command."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import mmap
 import os
@@ -266,7 +267,11 @@ class CountingRam(MemfdRam):
 
 def test_direct_guest_memory_extension(tmp_path) -> None:
     """A server with a mapper for the offered kind does DMA without
-    messages; one without falls back to DMA_READ/DMA_WRITE."""
+    messages, drops its mappings on XDEV_GUEST_MEMORY_INVALIDATE and for
+    good when the session ends; one without falls back to DMA_READ/DMA_WRITE
+    and refuses the invalidation."""
+    import threading
+
     from xdevproto.server import Server
     from xdevproto.testdev import TestDevice
     from xdevproto.transport import listen
@@ -274,21 +279,30 @@ def test_direct_guest_memory_extension(tmp_path) -> None:
     ram = CountingRam(1 << 16)
 
     class Direct:  # the server's own view of the same memory, uncounted
+        invalidations = 0
+        closed = False
+
         def read(self, addr: int, length: int) -> bytes:
+            assert not self.closed
             return MemfdRam.read(ram, addr, length)
 
         def write(self, addr: int, data: bytes) -> None:
+            assert not self.closed
             MemfdRam.write(ram, addr, data)
 
-    shared = {"ram": Direct()}
-    for mapper, expect_direct in (({"shared-test": lambda p: shared[p["name"]]}, True),
+        def invalidate(self) -> None:
+            self.invalidations += 1
+
+        def close(self) -> None:
+            self.closed = True
+
+    direct = Direct()
+    for mapper, expect_direct in (({"shared-test": lambda p: {"ram": direct}[p["name"]]}, True),
                                   ({}, False)):
         dev = TestDevice()
         server = Server(dev, guest_mappers=mapper)
         path = str(tmp_path / f"d{expect_direct}.sock")
         lst = listen(path)
-        import threading
-
         t = threading.Thread(target=server.serve, args=(lst,), daemon=True)
         t.start()
         CountingRam.served = 0
@@ -300,8 +314,52 @@ def test_direct_guest_memory_extension(tmp_path) -> None:
             c.region_write(PciRegion.BAR0, 0x08, struct.pack("<QI", 0x40, 8))
             c.region_write(PciRegion.BAR0, 0x14, struct.pack("<I", 1))
             assert c.region_read(PciRegion.BAR0, BUF_OFF, 8) == b"direct??"
+            if expect_direct:
+                c.invalidate_guest_memory()
+                assert direct.invalidations == 1 and not direct.closed
+            else:
+                with pytest.raises(RemoteError) as exc:
+                    c.invalidate_guest_memory()
+                assert exc.value.errno == errno.ENOTSUP
+            assert c.region_read(PciRegion.BAR0, 0, 4) == struct.pack("<I", ID_VALUE)
         assert (CountingRam.served == 0) is expect_direct
         server.stop()
         t.join(5)
         lst.close()
+    assert direct.closed and direct.invalidations == 1
     ram.close()
+
+
+def test_client_refuses_direct_memory_without_invalidation(tmp_path, monkeypatch) -> None:
+    """A server that would map guest memory but cannot be told to drop its
+    mappings would go on using frames the guest gave up: no session."""
+    import threading
+
+    from xdevproto.errors import PeerProtocolError
+    from xdevproto.server import Server, Session
+    from xdevproto.testdev import TestDevice
+    from xdevproto.transport import listen
+
+    def old_style_accept(self: Session, req) -> None:
+        caps = self.conn.our_caps
+        exts = {**caps.extensions, wire.XDEV_EXTENSION: {"guest_memory": {"kind": "k"}}}
+        self.conn.our_caps = dataclasses.replace(caps, extensions=exts)
+
+    monkeypatch.setattr(Session, "accept_guest_memory", old_style_accept)
+    server = Server(TestDevice())
+    lst = listen(str(tmp_path / "old.sock"))
+    t = threading.Thread(target=server.serve, args=(lst,), daemon=True)
+    t.start()
+    with pytest.raises(PeerProtocolError, match="does not drop its mappings"):
+        Client.connect(str(tmp_path / "old.sock"), guest_memory_offer={"kind": "k"})
+    # The same server still serves a client that offers nothing, once it
+    # has seen the first one go (until then it answers EBUSY).
+    deadline = time.monotonic() + 5
+    while server.session is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with Client.connect(str(tmp_path / "old.sock")) as c:
+        assert not c.direct_memory
+        assert c.region_read(PciRegion.BAR0, 0, 4) == struct.pack("<I", ID_VALUE)
+    server.stop()
+    t.join(5)
+    lst.close()

@@ -253,6 +253,13 @@ GOLDEN: list[tuple[str, Command, bool, bytes, wire.Payload]] = [
     ("DEVICE_RESET reply", Command.DEVICE_RESET, True, hx("""
         0e00 0d00 10000000 01000000 00000000
         """), wire.EMPTY),
+    # xdev's own command: header only both ways, command 0xC000.
+    ("XDEV_GUEST_MEMORY_INVALIDATE request", Command.XDEV_GUEST_MEMORY_INVALIDATE, False, hx("""
+        2a00 00c0 10000000 00000000 00000000
+        """), wire.EMPTY),
+    ("XDEV_GUEST_MEMORY_INVALIDATE reply", Command.XDEV_GUEST_MEMORY_INVALIDATE, True, hx("""
+        2a00 00c0 10000000 01000000 00000000
+        """), wire.EMPTY),
     ("REGION_WRITE_MULTI request", Command.REGION_WRITE_MULTI, False, hx("""
         0f00 0f00 48000000 00000000 00000000  # size 16 + 8 + 2*24
         0200000000000000  # wr_cnt 2
@@ -506,7 +513,7 @@ CLIENT_COMMANDS = [c for c in Command if c not in wire.SERVER_TO_CLIENT and c !=
 @pytest.mark.parametrize("cmd", list(Command), ids=lambda c: c.name)
 def test_error_reply_golden(cmd: Command) -> None:
     golden = hx(f"""
-        2a00 {int(cmd):02x}00  # msg_id 42, the command
+        2a00 {int(cmd) & 0xFF:02x}{int(cmd) >> 8:02x}  # msg_id 42, the command
         10000000  # msg_size 16: header only
         21000000  # flags: reply | ERROR
         16000000  # error EINVAL (22)

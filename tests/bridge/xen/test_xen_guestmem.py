@@ -55,6 +55,19 @@ def test_invalidate_unmaps_everything(xen: FakeXen) -> None:
     mem.read(3 * MiB, 1)
     mem.invalidate()
     assert mem.mapped_buckets == 0 and all(m.closed for m in xen.maps)
+    assert mem.read(0, 1) == b"\0" and mem.mapped_buckets == 1  # maps afresh
+
+
+def test_closed_memory_unmaps_and_refuses_further_access(xen: FakeXen) -> None:
+    """A device server's session ended: a late DMA from one of its workers
+    must not map the guest again."""
+    mem = GuestMemory(xen, xen.domid)
+    mem.read(0, 1)
+    mem.close()
+    assert mem.mapped_buckets == 0 and all(m.closed for m in xen.maps)
+    with pytest.raises(GuestMemoryError, match="closed"):
+        mem.write(0x10, b"late")
+    assert mem.mapped_buckets == 0 and bytes(xen.ram[0x10:0x14]) == b"\0" * 4
 
 
 def test_hole_page_refuses_and_nothing_is_written(xen: FakeXen) -> None:
