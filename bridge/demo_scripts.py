@@ -171,6 +171,7 @@ echo {MARKER}
 
 #: dom0 side of one demo run: image, network peers, bridge.serve, checks.
 #: Needs XDEV_LAUNCHER (process|systemd) and XDEV_GUEST; writes results.txt.
+#: XDEV_FOREIGN_DMA=true: the servers map the guest themselves ("process").
 DOM0_SCRIPT = rf"""
 export PYTHONPYCACHEPREFIX=/var/cache/xdev-pycache PYTHONFAULTHANDLER=1
 R="$XDEV_RUN"
@@ -226,6 +227,7 @@ host_address = "{DOM0_IP}/24"
 [run]
 launcher = "$XDEV_LAUNCHER"
 log_dir = "$R/logs"
+foreign_dma = ${{XDEV_FOREIGN_DMA:-false}}
 EOF
 if [ -n "$XDEV_LVU_STAGE" ]; then
     # libvfio-user copied from the host (tests/e2e/xen/lvu_stage.py): off the

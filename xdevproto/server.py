@@ -108,6 +108,7 @@ class Session(DeviceContext):
         self._twin: tuple[Transport, Connection] | None = None
         self._twin_lock = threading.Lock()
         self.direct_memory: MappedGuestMemory | None = None
+        self.invalidations = 0  # XDEV_GUEST_MEMORY_INVALIDATE carried out
 
     # -- DeviceContext -----------------------------------------------------------
     @property
@@ -729,6 +730,10 @@ def _invalidate_guest_memory(s: Session, req: Request) -> tuple[wire.Payload | b
     # Copies hold the mapper's lock, so none is half done on a dropped
     # mapping; the next access maps the guest's frames as they are now.
     memory.invalidate()
+    s.invalidations += 1
+    if s.invalidations <= 20 or s.invalidations % 1000 == 0:
+        log.info("guest memory mappings dropped: the guest's memory map changed "
+                 "(%d so far)", s.invalidations)
     return NOTHING
 
 

@@ -11,6 +11,8 @@ each way over TCP. dom0 then checks the image.
 
 * with MSI, the daemons started by the systemd units (issue 7);
 * with ``pci=nomsi`` (INTx), the daemons as plain processes;
+* with the daemons mapping the guest themselves (``foreign_dma``), which
+  must hear of every INVALIDATE;
 * with xdev-ahci on the libvfio-user engine (where the host has it);
 * SeaBIOS boots from a boot sector on the xdev disk (no kernel given).
 
@@ -26,6 +28,7 @@ bridge's fix for lowering INTA# of a dead server addresses.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -89,6 +92,26 @@ def test_ahci_and_e1000_with_msi_started_by_systemd_units(emuhost_session: HostS
 
 def test_ahci_and_e1000_with_intx(emuhost_session: HostSession) -> None:
     _check(_run(emuhost_session, "process", nomsi=True), "intx")
+
+
+def test_servers_that_map_the_guest_hear_of_its_memory_map_changes(
+        emuhost_session: HostSession) -> None:
+    """``foreign_dma = true``: the servers map the guest themselves, so
+    every INVALIDATE Xen sends the bridge must reach them before it
+    completes (XDEV_GUEST_MEMORY_INVALIDATE). Without that, runs like this
+    one saw files differ after a remount and a server die of SIGSEGV."""
+    result = _run(emuhost_session, "process", nomsi=False, env={"XDEV_FOREIGN_DMA": "true"})
+    _check(result, "msi")
+    bridge_log = result.file("logs/bridge.log")
+    seen = [int(n) for n in re.findall(r"INVALIDATE \((\d+) so far\)", bridge_log)]
+    assert seen, "no INVALIDATE in this boot: the test proves nothing" + bridge_log[-3000:]
+    for name in ("ahci", "e1000"):
+        log = result.file(f"logs/{name}.log")
+        assert "DMA through xen-foreign guest memory" in log, log[-3000:]
+        dropped = [int(n) for n in re.findall(r"mappings dropped.*\((\d+) so far\)", log)]
+        # Each server was connected before the guest ran, so it heard of
+        # every INVALIDATE the bridge logged (both log the first twenty).
+        assert dropped[:20] == seen[:20], (name, dropped, seen)
 
 
 def test_ahci_on_the_libvfio_user_engine(emuhost_session: HostSession,
