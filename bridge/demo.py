@@ -162,6 +162,9 @@ def print_report(serial: str, results: str, serve_log: str) -> bool:
         checks.append(("dom0 e2fsck", fsck_ok))
         print(f"  e2fsck -n on the image: status {r.get('image-fsck')}; /hello.txt: "
               f"{r.get('image-hello', '')!r}")
+        files_ok = r.get("image-files") == "ok"
+        checks.append(("files in the image", files_ok))
+        print(f"  the guest's {ds.FILES} files, block by block: {r.get('image-files', '?')}")
     failed = [name for name, good in checks if not good]
     print(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

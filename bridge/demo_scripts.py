@@ -9,6 +9,9 @@ and ``xdev-demo`` on the emulated host.
 Disk layout (64 MiB image written by dom0 before the guest starts):
 
 * 0 .. 48 MiB: the guest's ext4 file system (mkfs.ext4 with a block count);
+* at 49 MiB: 5 MiB whose every 4 KiB block names its file and block
+  (dom0 wrote it; the guest copies it into 20 files on its file system, and
+  dom0 checks each file's blocks in the image after the guest is gone);
 * at 56 MiB: 1 MiB of a known pattern (dom0 wrote it, the guest checks it);
 * at 60 MiB: 1 MiB the guest writes from /dev/urandom and reads back
   (O_DIRECT), and dom0 checks after the guest is gone.
@@ -24,6 +27,9 @@ from pathlib import Path
 
 DISK_MB = 64
 FS_MB = 48
+FILES_MB = 49
+FILES = 20
+FILE_BLOCKS = 64  # 4 KiB blocks per file: 256 KiB
 PATTERN_MB = 56
 GUEST_WRITE_MB = 60
 TAP = "xdevtap0"
@@ -41,6 +47,47 @@ def pattern_block() -> bytes:
 
 def pattern_sha256() -> str:
     return hashlib.sha256(pattern_block()).hexdigest()
+
+
+def file_block(index: int, block: int) -> bytes:
+    """Block ``block`` of the guest's file ``index``: 4 KiB naming both."""
+    name = b"xdev file %02d block %02d;" % (index, block)
+    return (name * (4096 // len(name) + 1))[:4096]
+
+
+def files_source() -> bytes:
+    """What dom0 writes at FILES_MB: the guest's files, one after the other."""
+    return b"".join(file_block(i, b) for i in range(FILES) for b in range(FILE_BLOCKS))
+
+
+def check_files(read_file) -> str:
+    """``ok``, or which blocks of which files are wrong and what they hold
+    instead (another block, zeros, something else); ``read_file(name)``
+    returns a file's bytes from the image or None."""
+    wrong = []
+    for i in range(FILES):
+        data = read_file(f"file{i}")
+        if data is None or len(data) != FILE_BLOCKS * 4096:
+            wrong.append(f"file{i}: {'missing' if data is None else f'{len(data)} bytes'}")
+            continue
+        for b in range(FILE_BLOCKS):
+            got = data[b * 4096:(b + 1) * 4096]
+            if got != file_block(i, b):
+                what = ("zeros" if not got.strip(b"\0") else
+                        got[:24].decode("ascii", "replace") if got.startswith(b"xdev file ")
+                        else f"other {got[:8].hex()}")
+                wrong.append(f"file{i} block {b}: {what}")
+    return "ok" if not wrong else f"{len(wrong)} bad: " + "; ".join(wrong[:8])
+
+
+def check_image_files(image: str) -> str:
+    """:func:`check_files` on the guest's ext4 file system in ``image``
+    (debugfs, read-only)."""
+    def read(name: str) -> bytes | None:
+        out = subprocess.run(["debugfs", "-R", f"cat /{name}", image],
+                             capture_output=True, check=False)
+        return out.stdout if out.returncode == 0 and out.stdout else None
+    return check_files(read)
 
 
 def boot_sector(message: str = BOOT_MARKER) -> bytes:
@@ -129,8 +176,13 @@ if [ -n "$disk" ]; then
         say mkfs "$? $(tail -n1 /tmp/mkfs.log)"
         mkdir -p /mnt
         mount -t ext4 /dev/$disk /mnt; say mount $?
-        i=0; while [ $i -lt 20 ]; do
-            dd if=/dev/urandom of=/mnt/file$i bs=64k count=4 2>/dev/null; i=$((i+1)); done
+        dd if=/dev/$disk of=/tmp/src.bin bs=1M skip={FILES_MB} count={FILES * FILE_BLOCKS // 256} \
+            iflag=direct 2>/dev/null
+        say files-source "$(sha256sum < /tmp/src.bin | cut -d' ' -f1)"
+        i=0; while [ $i -lt {FILES} ]; do
+            dd if=/tmp/src.bin of=/mnt/file$i bs=4k skip=$((i * {FILE_BLOCKS})) \
+                count={FILE_BLOCKS} 2>/dev/null; i=$((i+1)); done
+        rm -f /tmp/src.bin
         echo "hello from the xdev guest" > /mnt/hello.txt
         cat /mnt/file* | sha256sum | cut -d' ' -f1 > /tmp/files.sha
         sync; umount /mnt; say umount $?
@@ -164,6 +216,9 @@ $(cat $st/rx_missed_errors) irqs $(grep -m1 "$eth" /proc/interrupts | tr -s ' ' 
     nc {DOM0_IP} 5002 < /dev/zero > /tmp/down.bin
     say down-sha "$(sha256sum < /tmp/down.bin | cut -d' ' -f1) $(wc -c < /tmp/down.bin) $t"
 fi
+say dmesg-errors "$(dmesg | grep -ciE 'error|fail|timeout|exception')"
+dmesg | grep -iE 'error|fail|timeout|exception' | head -n 5 | while read -r line; do
+    say dmesg "$line"; done
 say done
 echo {MARKER}
 """
@@ -188,6 +243,8 @@ python3 -c 'import sys; from bridge.demo_scripts import pattern_block as p; \
 sys.stdout.buffer.write(p())' | dd of="$IMG" bs=1M seek={PATTERN_MB} conv=notrunc 2>/dev/null
 res "pattern-written $(dd if="$IMG" bs=1M skip={PATTERN_MB} count=1 2>/dev/null \
     | sha256sum | cut -d' ' -f1)"
+python3 -c 'import sys; from bridge.demo_scripts import files_source as f; \
+sys.stdout.buffer.write(f())' | dd of="$IMG" bs=1M seek={FILES_MB} conv=notrunc 2>/dev/null
 
 if [ "$XDEV_LAUNCHER" = systemd ]; then
     mkdir -p /usr/local/lib/xdev/bin
@@ -249,6 +306,8 @@ res "image-pattern $(dd if="$IMG" bs=1M skip={PATTERN_MB} count=1 2>/dev/null \
 e2fsck -n -f "$IMG" > "$R/fsck-dom0.log" 2>&1
 res "image-fsck $?"
 res "image-hello $(debugfs -R 'cat /hello.txt' "$IMG" 2>/dev/null)"
+res "image-files $(python3 -c 'import sys; from bridge.demo_scripts import check_image_files \
+as c; print(c(sys.argv[1]))' "$IMG")"
 if [ "$XDEV_LAUNCHER" = systemd ]; then
     journalctl --no-pager -o short-monotonic -u 'xdev-*' > "$R/units-journal.txt" 2>&1
 fi
@@ -260,10 +319,11 @@ _LINE = re.compile(r"^XDEV (\d+\.\d+) (\S+) ?(.*?)\r?$", re.M)
 
 
 def parse_guest(serial: str) -> dict[str, tuple[float, str]]:
-    """The guest's ``XDEV <uptime> <key> <value>`` lines; ``lspci`` lines joined."""
+    """The guest's ``XDEV <uptime> <key> <value>`` lines; ``lspci`` and
+    ``dmesg`` lines joined."""
     found: dict[str, tuple[float, str]] = {}
     for uptime, key, value in _LINE.findall(serial):
-        if key in found and key == "lspci":
+        if key in found and key in ("lspci", "dmesg"):
             found[key] = (found[key][0], found[key][1] + "\n" + value)
         else:
             found[key] = (float(uptime), value)

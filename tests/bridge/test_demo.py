@@ -110,6 +110,26 @@ def test_pattern_names_its_offsets() -> None:
     assert block[0x1230:0x1240] == b"xdev000000001230"
 
 
+def test_files_check_names_each_wrong_block_and_what_it_holds() -> None:
+    src = demo_scripts.files_source()
+    size = demo_scripts.FILE_BLOCKS * 4096
+    assert len(src) == demo_scripts.FILES * size
+    assert len(src) % (1 << 20) == 0  # the guest reads it in whole MiB
+    files = {f"file{i}": bytearray(src[i * size:(i + 1) * size])
+             for i in range(demo_scripts.FILES)}
+    assert files["file3"][5 * 4096:5 * 4096 + 22] == b"xdev file 03 block 05;"
+    assert demo_scripts.check_files(files.get) == "ok"
+    files["file3"][5 * 4096:6 * 4096] = demo_scripts.file_block(7, 1)  # misdirected
+    files["file4"][0:4096] = bytes(4096)  # lost
+    files["file5"][100] ^= 1
+    del files["file6"]
+    verdict = demo_scripts.check_files(files.get)
+    assert verdict.startswith("4 bad: ")
+    assert "file3 block 5: xdev file 07 block 01;" in verdict
+    assert "file4 block 0: zeros" in verdict and "file6: missing" in verdict
+    assert "file5 block 0: xdev file 05 block 00;" in verdict  # right name, wrong bytes
+
+
 def test_guest_lines_parse_and_lspci_lines_join() -> None:
     serial = ("noise\nXDEV 1.50 found-by boot\nXDEV 1.60 lspci 0000:00:00.0 0600: 8086:1237\r\n"
               "XDEV 1.61 lspci 0000:00:05.0 0106: 8086:2922\nXDEV 2.00 mount 0\n")

@@ -28,6 +28,7 @@ bridge's fix for lowering INTA# of a dead server addresses.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -53,10 +54,12 @@ def _run(session: HostSession, launcher: str, nomsi: bool,
 def _check(result: RunResult, irq: str) -> None:
     serial = result.guest_serial("xdevdemo")
     results = result.file("results.txt")
-    where = (f"\n--- results\n{results}\n--- serve.log\n{result.file('serve.log')[-3000:]}"
+    g = {k: v for k, (_t, v) in ds.parse_guest(serial).items()}
+    where = (f"\n--- guest's kernel: {g.get('dmesg-errors')} error lines\n"
+             f"{g.get('dmesg', '')}\n--- results\n{results}"
+             f"\n--- serve.log\n{result.file('serve.log')[-3000:]}"
              f"\n--- serial\n{serial[-4000:]}")
     assert result.ok, result.describe() + where
-    g = {k: v for k, (_t, v) in ds.parse_guest(serial).items()}
     r = ds.parse_results(results)
     assert r.get("serve-status") == "0", where
     assert "0000:00:05.0 0106: 8086:2922" in g.get("lspci", ""), where
@@ -66,6 +69,7 @@ def _check(result: RunResult, irq: str) -> None:
     assert g.get("pattern") == ds.pattern_sha256(), where
     assert len(g.get("wrote", "")) == 64 and g["wrote"] == g.get("readback"), where
     assert g.get("mkfs", "").startswith("0") and g.get("mount") == "0", where
+    assert g.get("files-source") == hashlib.sha256(ds.files_source()).hexdigest(), where
     files = g.get("files", "").split()
     assert len(files) == 2 and files[0] == files[1], where
     assert g.get("fsck", "").startswith("0"), where
@@ -79,6 +83,7 @@ def _check(result: RunResult, irq: str) -> None:
     assert r.get("image-pattern") == ds.pattern_sha256(), where
     assert r.get("image-fsck") == "0", where
     assert "hello from the xdev guest" in r.get("image-hello", ""), where
+    assert r.get("image-files") == "ok", where
 
 
 def test_ahci_and_e1000_with_msi_started_by_systemd_units(emuhost_session: HostSession) -> None:
