@@ -72,12 +72,28 @@ def check_files(read_file) -> str:
             continue
         for b in range(FILE_BLOCKS):
             got = data[b * 4096:(b + 1) * 4096]
-            if got != file_block(i, b):
-                what = ("zeros" if not got.strip(b"\0") else
-                        got[:24].decode("ascii", "replace") if got.startswith(b"xdev file ")
-                        else f"other {got[:8].hex()}")
-                wrong.append(f"file{i} block {b}: {what}")
+            want = file_block(i, b)
+            if got != want:
+                wrong.append(f"file{i} block {b}: {_describe(got, want)}")
     return "ok" if not wrong else f"{len(wrong)} bad: " + "; ".join(wrong[:8])
+
+
+_NAME = re.compile(rb"xdev file (\d\d) block (\d\d);")
+
+
+def _describe(got: bytes, want: bytes) -> str:
+    """What a wrong 4 KiB block holds, per 512-byte sector: ``ok``, ``zero``,
+    ``fFFbBB`` (a sector of that file's block), or ``?`` (other bytes)."""
+    if not got.strip(b"\0"):
+        return "zeros"
+    marks = []
+    for at in range(0, 4096, 512):
+        sector = got[at:at + 512]
+        name = _NAME.search(sector)
+        marks.append("ok" if sector == want[at:at + 512] else
+                     "zero" if not sector.strip(b"\0") else
+                     f"f{name[1].decode()}b{name[2].decode()}" if name else "?")
+    return "sectors " + ",".join(marks)
 
 
 def check_image_files(image: str) -> str:

@@ -125,9 +125,12 @@ def test_files_check_names_each_wrong_block_and_what_it_holds() -> None:
     del files["file6"]
     verdict = demo_scripts.check_files(files.get)
     assert verdict.startswith("4 bad: ")
-    assert "file3 block 5: xdev file 07 block 01;" in verdict
+    assert "file3 block 5: sectors " + ",".join(["f07b01"] * 8) in verdict
     assert "file4 block 0: zeros" in verdict and "file6: missing" in verdict
-    assert "file5 block 0: xdev file 05 block 00;" in verdict  # right name, wrong bytes
+    assert "file5 block 0: sectors f05b00," + ",".join(["ok"] * 7) in verdict
+    files["file7"][4096 + 512:4096 + 1024] = bytes(512)
+    files["file7"][4096 + 1024:4096 + 1536] = b"\xff" * 512
+    assert "file7 block 1: sectors ok,zero,?,ok,ok,ok,ok,ok" in demo_scripts.check_files(files.get)
 
 
 def test_guest_lines_parse_and_lspci_lines_join() -> None:
