@@ -60,10 +60,11 @@ def files_source() -> bytes:
     return b"".join(file_block(i, b) for i in range(FILES) for b in range(FILE_BLOCKS))
 
 
-def check_files(read_file) -> str:
+def check_files(read_file, locate=None) -> str:
     """``ok``, or which blocks of which files are wrong and what they hold
     instead (another block, zeros, something else); ``read_file(name)``
-    returns a file's bytes from the image or None."""
+    returns a file's bytes from the image or None, ``locate(name, block)``
+    where the block is on the disk (a string) if given."""
     wrong = []
     for i in range(FILES):
         data = read_file(f"file{i}")
@@ -74,7 +75,8 @@ def check_files(read_file) -> str:
             got = data[b * 4096:(b + 1) * 4096]
             want = file_block(i, b)
             if got != want:
-                wrong.append(f"file{i} block {b}: {_describe(got, want)}")
+                where = f" at {locate(f'file{i}', b)}" if locate else ""
+                wrong.append(f"file{i} block {b}{where}: {_describe(got, want)}")
     return "ok" if not wrong else f"{len(wrong)} bad: " + "; ".join(wrong[:8])
 
 
@@ -103,7 +105,19 @@ def check_image_files(image: str) -> str:
         out = subprocess.run(["debugfs", "-R", f"cat /{name}", image],
                              capture_output=True, check=False)
         return out.stdout if out.returncode == 0 and out.stdout else None
-    return check_files(read)
+
+    stats = subprocess.run(["debugfs", "-R", "stats", image], capture_output=True,
+                           text=True, check=False).stdout
+    size = re.search(r"^Block size:\s+(\d+)", stats, re.M)
+    block_size = int(size[1]) if size else 4096
+
+    def locate(name: str, block: int) -> str:
+        index = block * 4096 // block_size
+        out = subprocess.run(["debugfs", "-R", f"bmap /{name} {index}", image],
+                             capture_output=True, text=True, check=False)
+        fs_block = out.stdout.strip()
+        return f"sector {int(fs_block) * block_size // 512}" if fs_block.isdigit() else "?"
+    return check_files(read, locate)
 
 
 def boot_sector(message: str = BOOT_MARKER) -> bytes:
@@ -294,6 +308,7 @@ timeout_s = ${{XDEV_GUEST_TIMEOUT:-900}}
 [disk]
 image = "$IMG"
 engine = "${{XDEV_AHCI_ENGINE:-native}}"
+log_level = "${{XDEV_AHCI_LOG_LEVEL:-info}}"
 [nic]
 tap = "{TAP}"
 host_address = "{DOM0_IP}/24"

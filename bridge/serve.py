@@ -43,6 +43,9 @@ CONF_DIR = Path("/etc/xdev")
 TAP_USER = "xdev-net"
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 class ServeError(Exception):
     """Something the operator must fix; the message says what."""
 
@@ -72,6 +75,8 @@ class Plan:
     timeout_s: float = 900.0
     log_dir: Path = Path("/run/xdev/logs")
     python: str = sys.executable
+    #: --log-level per daemon ("ahci", "e1000", "bridge"): info unless set
+    log_levels: dict[str, str] = field(default_factory=dict)
 
 
 def _xl_name(xl_config: Path) -> str:
@@ -89,9 +94,10 @@ def load_plan(path: Path) -> Plan:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ServeError(f"cannot read {path}: {exc}") from None
     known = {"guest": {"xl_config", "name", "serial", "marker", "timeout_s"},
-             "disk": {"image", "cdrom", "bdf", "engine"},
-             "nic": {"tap", "mac", "host_address", "bdf", "engine"},
-             "run": {"instance", "launcher", "engine", "log_dir", "python", "foreign_dma"}}
+             "disk": {"image", "cdrom", "bdf", "engine", "log_level"},
+             "nic": {"tap", "mac", "host_address", "bdf", "engine", "log_level"},
+             "run": {"instance", "launcher", "engine", "log_dir", "python", "foreign_dma",
+                     "log_level"}}
     for section, values in data.items():
         if section not in known or not isinstance(values, dict):
             raise ServeError(f"{path}: unknown section [{section}]")
@@ -117,6 +123,8 @@ def load_plan(path: Path) -> Plan:
         log_dir=Path(run.get("log_dir", "/run/xdev/logs")),
         foreign_dma=run.get("foreign_dma", False),
         python=run.get("python", sys.executable),
+        log_levels={kind: section.get("log_level", run.get("log_level", "info"))
+                    for kind, section in (("ahci", disk), ("e1000", nic), ("bridge", run))},
     )
     if plan.launcher not in ("process", "systemd"):
         raise ServeError(f"{path}: launcher must be \"process\" or \"systemd\"")
@@ -125,6 +133,9 @@ def load_plan(path: Path) -> Plan:
     if plan.foreign_dma and plan.launcher != "process":
         raise ServeError(f"{path}: foreign_dma needs launcher = \"process\" (the units' "
                          "sandbox may not map the guest)")
+    for level in plan.log_levels.values():
+        if level not in LOG_LEVELS:
+            raise ServeError(f"{path}: log_level must be one of {', '.join(LOG_LEVELS)}")
     for engine in plan.engines.values():
         if engine not in ENGINES:
             raise ServeError(f"{path}: engine must be one of {', '.join(ENGINES)}")
@@ -179,6 +190,7 @@ def server_argv(plan: Plan, kind: str) -> list[str]:
     """Options for one device server (also the body of its /etc/xdev config)."""
     chosen = plan.engines.get(kind, "native")
     engine = [] if chosen == "native" else ["--engine", chosen]
+    engine += _log_level(plan, kind)
     if chosen == "native" and plan.foreign_dma:
         # Root in dom0 may map the guest: DMA without messages through the
         # bridge. Asked for only: such a server never hears of the guest's
@@ -206,8 +218,13 @@ def socket_path(plan: Plan, kind: str) -> str:
     return f"/run/xdev/{kind}-{plan.instance}.sock"
 
 
+def _log_level(plan: Plan, kind: str) -> list[str]:
+    level = plan.log_levels.get(kind, "info")
+    return [] if level == "info" else ["--log-level", level]
+
+
 def bridge_argv(plan: Plan) -> list[str]:
-    argv = ["--domain", plan.name]
+    argv = ["--domain", plan.name, *_log_level(plan, "bridge")]
     for kind, bdf in kinds(plan):
         argv += ["--device", f"{bdf}=unix:{socket_path(plan, kind)}"]
     return argv

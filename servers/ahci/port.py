@@ -33,6 +33,7 @@ Theory of operation (AHCI 1.3.1 chapter 5, "Data transfer operation"):
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
@@ -102,9 +103,17 @@ class PrdtPhase:
 
     def guest_to_disk(self, disk: DiskImage, lba: int, nbytes: int) -> None:
         disk.check_writable()
-        if self.dma.pwritev(disk.fd, self._cut(nbytes), lba * SECTOR) != nbytes:
+        sg = self._cut(nbytes)
+        if self.dma.pwritev(disk.fd, sg, lba * SECTOR) != nbytes:
             raise DiskError(f"short write at sector {lba}")
         disk.written()
+        if log.isEnabledFor(logging.DEBUG):
+            # What landed on the disk: each 4 KiB's first 8 bytes, to tell a
+            # write of the wrong guest data from a wrong write afterwards.
+            heads = [os.pread(disk.fd, 8, lba * SECTOR + at).hex()
+                     for at in range(0, nbytes, 4096)]
+            log.debug("wrote sectors %d+%d from %s: %s", lba, nbytes // SECTOR,
+                      " ".join(f"{e.addr:#x}+{e.length:#x}" for e in sg), " ".join(heads))
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,17 @@ def test_foreign_dma_only_when_asked(tmp_path: Path) -> None:
     assert "--xen-foreign-dma" not in serve.server_argv(plan, "ahci")
 
 
+def test_log_level_for_every_daemon_or_one(tmp_path: Path) -> None:
+    base = '[guest]\nxl_config = "CFG"\n[nic]\ntap = "t0"\n[disk]\nimage = "/a"\n'
+    plan = serve.load_plan(_write(tmp_path, base + 'log_level = "debug"\n'
+                                  '[run]\nlog_level = "warning"\n'))
+    assert serve.server_argv(plan, "ahci")[-2:] == ["--log-level", "debug"]
+    assert serve.server_argv(plan, "e1000")[-2:] == ["--log-level", "warning"]
+    assert serve.bridge_argv(plan)[2:4] == ["--log-level", "warning"]
+    plan = serve.load_plan(_write(tmp_path, base))
+    assert "--log-level" not in serve.server_argv(plan, "ahci") + serve.bridge_argv(plan)
+
+
 def test_engine_reaches_both_servers_or_the_one_that_names_it(tmp_path: Path) -> None:
     plan = serve.load_plan(_write(tmp_path, """
 [guest]
@@ -88,6 +99,8 @@ engine = "libvfio-user"
      "launcher"),
     ('[guest]\nxl_config = "CFG"\n[disk]\nimage = "/a"\n[run]\nengine = "spdk"\n',
      "engine must be"),
+    ('[guest]\nxl_config = "CFG"\n[disk]\nimage = "/a"\nlog_level = "loud"\n',
+     "log_level must be"),
     ("[guest\n", "cannot read"),
 ])
 def test_bad_configs_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:

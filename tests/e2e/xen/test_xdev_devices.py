@@ -105,7 +105,10 @@ def test_servers_that_map_the_guest_hear_of_its_memory_map_changes(
     every INVALIDATE Xen sends the bridge must reach them before it
     completes (XDEV_GUEST_MEMORY_INVALIDATE). Without that, runs like this
     one saw files differ after a remount and a server die of SIGSEGV."""
-    result = _run(emuhost_session, "process", nomsi=False, env={"XDEV_FOREIGN_DMA": "true"})
+    # The disk server at debug: each write's sectors, guest addresses and
+    # what landed, to place any wrong block.
+    result = _run(emuhost_session, "process", nomsi=False,
+                  env={"XDEV_FOREIGN_DMA": "true", "XDEV_AHCI_LOG_LEVEL": "debug"})
     _check(result, "msi")
     bridge_log = result.file("logs/bridge.log")
     seen = [int(n) for n in re.findall(r"INVALIDATE \((\d+) so far\)", bridge_log)]
