@@ -107,14 +107,14 @@ def check_image_files(image: str) -> str:
         return out.stdout if out.returncode == 0 and out.stdout else None
 
     stats = subprocess.run(["debugfs", "-R", "stats", image], capture_output=True,
-                           text=True, check=False).stdout
+                           text=True, errors="replace", check=False).stdout
     size = re.search(r"^Block size:\s+(\d+)", stats, re.M)
     block_size = int(size[1]) if size else 4096
 
     def locate(name: str, block: int) -> str:
         index = block * 4096 // block_size
         out = subprocess.run(["debugfs", "-R", f"bmap /{name} {index}", image],
-                             capture_output=True, text=True, check=False)
+                             capture_output=True, text=True, errors="replace", check=False)
         fs_block = out.stdout.strip()
         return f"sector {int(fs_block) * block_size // 512}" if fs_block.isdigit() else "?"
     return check_files(read, locate)

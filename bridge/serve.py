@@ -163,7 +163,10 @@ def check_host() -> None:
 
 def sh(*argv: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        # errors="replace": xl has printed bytes that are not UTF-8 on stderr,
+        # and a decoding error must not end the run that only polled it.
+        done = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
         raise ServeError(f"{' '.join(argv)}: no answer within {timeout:.0f} s") from None
     if check and done.returncode != 0:

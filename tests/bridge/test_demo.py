@@ -179,3 +179,13 @@ launcher = "systemd"
 """))
     # the units' sandbox cannot map the guest: no --xen-foreign-dma
     assert serve.server_argv(plan, "ahci") == ["--disk", "file=/var/lib/xdev/images/a.img"]
+
+
+def test_commands_printing_bytes_that_are_not_utf8_do_not_end_the_run() -> None:
+    """xl has printed such bytes on stderr; serve.py polls it every second
+    while the guest runs."""
+    done = serve.sh("sh", "-c", r"printf 'ok\n'; printf 'bad \246 byte\n' >&2; exit 3",
+                    check=False)
+    assert done.returncode == 3 and done.stdout == "ok\n" and "bad" in done.stderr
+    with pytest.raises(serve.ServeError, match=r"bad .* byte"):
+        serve.sh("sh", "-c", r"printf 'bad \246 byte\n' >&2; exit 1")
