@@ -189,3 +189,23 @@ def test_commands_printing_bytes_that_are_not_utf8_do_not_end_the_run() -> None:
     assert done.returncode == 3 and done.stdout == "ok\n" and "bad" in done.stderr
     with pytest.raises(serve.ServeError, match=r"bad .* byte"):
         serve.sh("sh", "-c", r"printf 'bad \246 byte\n' >&2; exit 1")
+
+
+def test_an_xl_that_does_not_answer_does_not_end_the_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A starved dom0 kept 'xl domid' 60 s once, while the guest finished:
+    that poll says nothing, and the marker is still looked for."""
+    serial = tmp_path / "serial"
+    serial.write_text("booting\n")
+    polls: list[str] = []
+
+    def slow_xl(*argv: str, **_kw: object) -> None:
+        polls.append(argv[0])
+        serial.write_text("booting\nDONE\n")  # the guest finished meanwhile
+        raise serve.ServeError("xl domid g: no answer within 60 s")
+
+    monkeypatch.setattr(serve, "sh", slow_xl)
+    plan = serve.Plan(xl_config=tmp_path / "g.cfg", name="g", serial=serial, marker="DONE",
+                      timeout_s=30)
+    report = serve.Report()
+    assert serve.wait_for_guest(plan, report) == "marker" and polls == ["xl"]
