@@ -13,6 +13,7 @@ messages. Standard peers ignore the key.
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from typing import Any
 
 from bridge.xen.errors import XenError
@@ -50,6 +51,14 @@ class DmaMemory:
 
     def close(self) -> None:
         self.memory.close()
+
+    def file_io(self, fd: int, ranges: Sequence[tuple[int, int]], offset: int,
+                to_guest: bool, flags: int = 0) -> int:
+        """Disk data straight between a file and the guest (see GuestMemory.file_io)."""
+        try:
+            return self.memory.file_io(fd, ranges, offset, to_guest, flags)
+        except XenError as exc:
+            raise DeviceError(str(exc), errno.EFAULT) from None
 
 
 def offer(domid: int) -> dict[str, Any]:

@@ -99,6 +99,23 @@ class DeviceContext(abc.ABC):
     def max_data_xfer_size(self) -> int:
         """The largest single DMA message the client accepts."""
 
+    @property
+    def direct(self) -> bool:
+        """Whether dma_read/dma_write reach guest memory without a message
+        round trip (an xdev guest-memory extension): they never wait on
+        the peer."""
+        return False
+
+    def file_io(self, fd: int, ranges: Sequence[tuple[int, int]], offset: int,
+                to_guest: bool, flags: int = 0) -> int | None:
+        """``preadv`` (``to_guest``) or ``pwritev`` between file ``fd`` at
+        ``offset`` and the guest ranges (iova, length) of regions mapped
+        without an fd, when the runtime reaches guest memory itself (an xdev
+        guest-memory extension): the bytes moved, short at end of file. None
+        when it cannot, and the caller uses messages. ``flags`` as for
+        ``os.preadv`` (RWF_NOWAIT: BlockingIOError rather than wait)."""
+        return None
+
 
 class Device(abc.ABC):
     """A vfio-user device (vfio-user spec, "Device information" onwards)."""

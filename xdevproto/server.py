@@ -20,7 +20,7 @@ import logging
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,6 +154,15 @@ class Session(DeviceContext):
                 raise PeerProtocolError("DMA_READ reply does not match the request")
             out += p.data
         return bytes(out)
+
+    @property
+    def direct(self) -> bool:
+        return self.direct_memory is not None
+
+    def file_io(self, fd: int, ranges: Sequence[tuple[int, int]], offset: int,
+                to_guest: bool, flags: int = 0) -> int | None:
+        io = getattr(self.direct_memory, "file_io", None)
+        return None if io is None else int(io(fd, ranges, offset, to_guest, flags))
 
     def dma_write(self, iova: int, data: bytes | memoryview) -> None:
         direct = self.direct_memory

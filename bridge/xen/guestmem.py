@@ -18,7 +18,10 @@ One instance serves several threads (the ioreq loop's strings, and each
 device's DMA service thread), so every access holds the instance's lock from
 finding its buckets to the end of its copy: otherwise another thread could
 evict a bucket between the two, and the copy would go to whatever the
-kernel mapped at that address next (another part of the guest).
+kernel mapped at that address next (another part of the guest).  File I/O
+straight into the guest (:meth:`GuestMemory.file_io`) pins its buckets
+instead of holding the lock through the system call; a pinned bucket that
+is evicted or invalidated leaves the cache and is unmapped when unpinned.
 
 Used for rep/``data_is_ptr`` strings of ioreqs and to serve vfio-user
 DMA_READ/DMA_WRITE for device servers (the bridge core converts
@@ -29,7 +32,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bridge.xen.abi import PAGE_SHIFT, PAGE_SIZE
@@ -46,6 +51,7 @@ PAGES_PER_BUCKET = BUCKET_SIZE >> PAGE_SHIFT
 DEFAULT_MAX_BUCKETS = 4096
 DEFAULT_LIMIT = 1 << 52  # x86-64 architectural maximum physical address width
 MAX_ACCESS = 1 << 24  # one call moves at most 16 MiB
+IOV_MAX = 1024  # iovecs one preadv/pwritev takes (Linux UIO_MAXIOV)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,8 @@ class _Bucket:
     errors: list[int]
     remapped: bool = False
     bad_pages: set[int] = field(default_factory=set)
+    pins: int = 0  # file I/O in progress through views of this mapping
+    doomed: bool = False  # out of the cache; unmapped when the last pin goes
 
     def __post_init__(self) -> None:
         self.bad_pages = {i for i, err in enumerate(self.errors) if err}
@@ -125,7 +133,27 @@ class GuestMemory:
 
     def _drop(self, index: int) -> None:
         bucket = self._buckets.pop(index)
-        bucket.mapping.close()
+        if bucket.pins:
+            bucket.doomed = True  # its file I/O finishes first (see file_io)
+        else:
+            bucket.mapping.close()
+
+    def _run(self, addr: int, length: int) -> tuple[_Bucket, int, int]:
+        """(bucket, offset in it, bytes) of the longest piece of ``[addr,
+        addr+length)`` inside one bucket, every page of it valid. A bad page
+        re-maps the bucket once, before the bucket is returned, so no piece
+        handed out refers to a mapping it closed."""
+        index, offset = addr >> BUCKET_SHIFT, addr & (BUCKET_SIZE - 1)
+        n = min(length, BUCKET_SIZE - offset)
+        first = offset >> PAGE_SHIFT
+        bucket = self._bucket(index, first)
+        if bucket.bad_pages:
+            pages = range(first, (offset + n - 1 >> PAGE_SHIFT) + 1)
+            # Re-mapping may make good pages bad (the guest gave them back):
+            # check the new mapping again; a second bad page raises.
+            while (bad := next((p for p in pages if p in bucket.bad_pages), None)) is not None:
+                bucket = self._bucket(index, bad)
+        return bucket, offset, n
 
     def _chunks(self, gpa: int, length: int) -> list[tuple[_Bucket, int, int, int]]:
         """(bucket, offset in bucket, offset in caller's buffer, length) per page piece."""
@@ -175,6 +203,55 @@ class GuestMemory:
         with self._lock:
             for bucket, offset, at, n in self._chunks(gpa, len(src)):
                 bucket.mapping.view[offset:offset + n] = src[at:at + n]
+
+    def file_io(self, fd: int, ranges: Sequence[tuple[int, int]], offset: int,
+                to_guest: bool, flags: int = 0) -> int:
+        """``preadv`` (``to_guest``) or ``pwritev`` between file ``fd`` at
+        ``offset`` and the guest-physical ``ranges`` in order, straight
+        through the mappings: a disk command's data is not copied through
+        Python, and a scatter-gather list takes one system call per
+        ``IOV_MAX`` pieces rather than one per page. Returns the bytes moved
+        (short at end of file); GuestMemoryError before any byte moved,
+        OSError from the file as it is (BlockingIOError for RWF_NOWAIT in
+        ``flags``).
+
+        The lock is held only to find and pin the buckets, not during the
+        system calls, so several commands' I/O runs at once. A pinned
+        bucket that is evicted or invalidated meanwhile leaves the cache at
+        once (later accesses map afresh) and is unmapped when its I/O ends,
+        as QEMU's mapcache treats its locked entries."""
+        for gpa, length in ranges:
+            self._check(gpa, length)
+        call = os.preadv if to_guest else os.pwritev
+        views: list[memoryview] = []
+        pinned: list[_Bucket] = []
+        try:
+            with self._lock:
+                for gpa, length in ranges:
+                    pos = 0
+                    while pos < length:
+                        bucket, boff, n = self._run(gpa + pos, length - pos)
+                        bucket.pins += 1
+                        pinned.append(bucket)
+                        views.append(bucket.mapping.view[boff:boff + n])
+                        pos += n
+            total = 0
+            for first in range(0, len(views), IOV_MAX):
+                group = views[first:first + IOV_MAX]
+                want = sum(len(v) for v in group)
+                done = call(fd, group, offset + total, flags)
+                total += done
+                if done < want:
+                    break
+            return total
+        finally:
+            for view in views:
+                view.release()
+            with self._lock:
+                for bucket in pinned:
+                    bucket.pins -= 1
+                    if bucket.doomed and not bucket.pins:
+                        bucket.mapping.close()
 
     def invalidate(self) -> None:
         """Drop every mapping (IOREQ_TYPE_INVALIDATE).  An access in progress

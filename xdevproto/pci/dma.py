@@ -354,7 +354,7 @@ class GuestMemory:
 
     def _message(self, fn: Callable[[int, A], T], addr: int, arg: A) -> T:
         """One DMA message; a refusal becomes a DmaError the device can report."""
-        if not self.may_wait:
+        if not self.may_wait and not (self.ctx and self.ctx.direct):
             raise WouldBlock("message DMA")
         with self._lock:
             self.in_message += 1
@@ -467,11 +467,15 @@ class GuestMemory:
 
     def _batched(self, fd: int, sg: Sequence[SgEntry], offset: int,
                  to_guest: bool, flags: int = 0) -> int | None:
-        """One system call for ``sg`` if all of it is fd-mapped, else None
-        (before any byte moved)."""
+        """One system call for ``sg`` if all of it is fd-mapped (or the
+        runtime reaches all of it itself, see DeviceContext.file_io), else
+        None (before any byte moved). ``flags`` as for ``os.preadv``."""
         with self._pin_sg(sg, to_guest) as pieces:
             if any(p.entry.view is None for p in pieces):
-                return None
+                if self.ctx is None or any(p.entry.view is not None for p in pieces):
+                    return None
+                return self.ctx.file_io(fd, [(p.iova, p.length) for p in pieces], offset,
+                                        to_guest, flags)
             if len(pieces) > IOV_MAX:
                 return None
             views = [p.entry.view[p.offset:p.offset + p.length]  # type: ignore[index]

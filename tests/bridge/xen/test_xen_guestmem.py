@@ -118,6 +118,102 @@ def test_one_access_never_spans_more_buckets_than_the_cache(xen: FakeXen) -> Non
         GuestMemory(xen, xen.domid, max_buckets=1)
 
 
+def test_access_over_a_page_populated_later_and_one_before_it(xen: FakeXen) -> None:
+    """The bad page re-maps its bucket in the middle of an access: the
+    pieces before it must use the new mapping, not the closed one."""
+    mem = GuestMemory(xen, xen.domid)
+    xen.holes.add(3)
+    with pytest.raises(GuestMemoryError):
+        mem.read(3 * 4096, 4)
+    xen.holes.discard(3)
+    mem.write(2 * 4096 + 4090, b"abcdefghij")  # page 2, then page 3
+    assert bytes(xen.ram[2 * 4096 + 4090:2 * 4096 + 4100]) == b"abcdefghij"
+    assert mem.read(2 * 4096 + 4090, 10) == b"abcdefghij"
+
+
+def test_a_re_map_that_loses_a_page_refuses_the_access(xen: FakeXen) -> None:
+    """Page 5 was a hole and is populated now, page 2 was good and is a
+    hole now: the access over 2..5 re-maps for page 5, and the new mapping
+    must be checked again, for page 2."""
+    mem = GuestMemory(xen, xen.domid)
+    xen.holes.add(5)
+    mem.read(0, 1)  # bucket 0 mapped with page 5 bad
+    xen.holes = {2}
+    with pytest.raises(GuestMemoryError):
+        mem.write(2 * 4096, b"\xAA" * (4 * 4096))
+    assert bytes(xen.ram[2 * 4096:6 * 4096]) == bytes(4 * 4096)
+
+
+def scattered(n: int, seed: int) -> list[tuple[int, int]]:
+    """``n`` ranges of assorted sizes, none overlapping, all over the 4 MiB."""
+    rng = random.Random(seed)
+    pages = rng.sample(range(0, 1022, 2), n)  # a range covers at most two pages
+    return [(p * 4096 + rng.randrange(64), rng.choice((512, 4000, 6000))) for p in pages]
+
+
+@pytest.mark.parametrize("max_buckets", [2, 3, 64])
+def test_file_io_moves_scattered_ranges_through_the_mappings(
+        xen: FakeXen, tmp_path, max_buckets: int) -> None:
+    mem = GuestMemory(xen, xen.domid, max_buckets=max_buckets)
+    ranges = scattered(300, max_buckets)
+    total = sum(n for _, n in ranges)
+    content = random.Random(1).randbytes(total + 100)
+    path = tmp_path / "disk"
+    path.write_bytes(content)
+    with open(path, "r+b") as f:
+        assert mem.file_io(f.fileno(), ranges, 100, to_guest=True) == total
+        pos = 100
+        for gpa, n in ranges:
+            assert bytes(xen.ram[gpa:gpa + n]) == content[pos:pos + n]
+            pos += n
+        assert mem.mapped_buckets <= max_buckets
+        # And back out, reversed, somewhere else in the file.
+        back = list(reversed(ranges))
+        assert mem.file_io(f.fileno(), back, 0, to_guest=False) == total
+        f.seek(0)
+        expect = b"".join(bytes(xen.ram[g:g + n]) for g, n in back)
+        assert f.read(total) == expect
+
+
+def test_file_io_short_at_end_of_file_and_refused_hole(xen: FakeXen, tmp_path) -> None:
+    mem = GuestMemory(xen, xen.domid, max_buckets=2)
+    path = tmp_path / "disk"
+    path.write_bytes(b"x" * 5000)
+    ranges = [(0x10000, 4096), (2 * MiB, 4096)]
+    with open(path, "rb") as f:
+        assert mem.file_io(f.fileno(), ranges, 0, to_guest=True) == 5000
+        assert bytes(xen.ram[2 * MiB:2 * MiB + 904]) == b"x" * 904
+        assert bytes(xen.ram[2 * MiB + 904:2 * MiB + 4096]) == bytes(3192)
+        xen.holes.add(3 * MiB // 4096)
+        with pytest.raises(GuestMemoryError):
+            mem.file_io(f.fileno(), [(0x20000, 100), (3 * MiB, 100)], 0, to_guest=True)
+        assert bytes(xen.ram[3 * MiB:3 * MiB + 100]) == bytes(100)
+        with pytest.raises(GuestMemoryError):
+            mem.file_io(f.fileno(), [(4 * MiB - 10, 100)], 0, to_guest=True)
+
+
+def test_file_io_passes_rwf_nowait_to_the_file(xen: FakeXen, tmp_path) -> None:
+    """A device's inline read (GuestMemory.nowait) asks with RWF_NOWAIT: data
+    not in the page cache raises BlockingIOError instead of waiting."""
+    import os
+    mem = GuestMemory(xen, xen.domid)
+    path = tmp_path / "disk"
+    path.write_bytes(b"y" * 8192)
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        try:
+            os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        except OSError:
+            pytest.skip("this file system refuses RWF_NOWAIT reads (tmpfs)")
+        assert mem.file_io(fd, [(0x3000, 8192)], 0, True, os.RWF_NOWAIT) == 8192
+        assert bytes(xen.ram[0x3000:0x5000]) == b"y" * 8192
+        os.fsync(fd)  # dirty pages stay cached
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(BlockingIOError):
+            mem.file_io(fd, [(0x8000, 4096)], 0, True, os.RWF_NOWAIT)
+        assert mem.file_io(fd, [(0x8000, 4096)], 0, True) == 4096
+
+
 class SlowMapXen(FakeXen):
     """Mapping takes a while (as a real hypercall does), so other threads run meanwhile."""
 
@@ -178,3 +274,52 @@ def test_remap_midway_through_an_access_checks_every_page_again(xen: FakeXen) ->
         mem.read(4 * 4096, 4)
     mem.write(5 * 4096, b"\xBB" * 4)  # page 5 works through the new mapping
     assert bytes(xen.ram[5 * 4096:5 * 4096 + 4]) == b"\xBB" * 4
+
+
+def test_file_io_pins_its_mappings_without_holding_the_cache(
+        xen: FakeXen, tmp_path, monkeypatch) -> None:
+    """While one command's read is in the file system, an INVALIDATE and
+    other accesses go ahead: the invalidated bucket leaves the cache at once
+    (the next access maps afresh) and is unmapped when the read ends."""
+    import os
+    mem = GuestMemory(xen, xen.domid, max_buckets=2)
+    path = tmp_path / "disk"
+    path.write_bytes(b"z" * 8192)
+    in_read, go = threading.Event(), threading.Event()
+    real_preadv = os.preadv
+
+    def slow_preadv(fd, views, offset, flags=0):
+        in_read.set()
+        assert go.wait(10)
+        return real_preadv(fd, views, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", slow_preadv)
+    moved: list[int] = []
+    with open(path, "rb") as f:
+        worker = threading.Thread(target=lambda: moved.append(
+            mem.file_io(f.fileno(), [(0x1000, 8192)], 0, to_guest=True)))
+        worker.start()
+        assert in_read.wait(5)
+        (pinned,) = xen.maps
+        mem.invalidate()  # does not wait for the read
+        assert mem.mapped_buckets == 0 and not pinned.closed
+        mem.write(0x100, b"meanwhile")  # a fresh mapping of the same bucket
+        mem.read(1 * MiB, 1)
+        mem.read(2 * MiB, 1)  # evicts the fresh one: not pinned, unmapped now
+        assert xen.maps[1].closed and not pinned.closed
+        go.set()
+        worker.join(5)
+    assert moved == [8192] and pinned.closed
+    assert bytes(xen.ram[0x1000:0x3000]) == b"z" * 8192
+    assert bytes(xen.ram[0x100:0x109]) == b"meanwhile"
+    assert mem.mapped_buckets == 2
+
+
+def test_file_io_after_close_is_refused(xen: FakeXen, tmp_path) -> None:
+    mem = GuestMemory(xen, xen.domid)
+    path = tmp_path / "disk"
+    path.write_bytes(b"w" * 4096)
+    mem.close()
+    with open(path, "rb") as f, pytest.raises(GuestMemoryError, match="closed"):
+        mem.file_io(f.fileno(), [(0, 4096)], 0, to_guest=True)
+    assert not xen.maps and bytes(xen.ram[:4096]) == bytes(4096)

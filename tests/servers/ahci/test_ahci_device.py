@@ -268,9 +268,17 @@ def _count_worker_jobs(drv: AhciDriver) -> list[object]:
     return jobs
 
 
-def test_cached_short_reads_complete_without_a_worker(drv: AhciDriver) -> None:
+def test_cached_short_reads_complete_without_a_worker(drv: AhciDriver, image: Path) -> None:
     """The page cache holds the image (it was just written): 32 NCQ reads of
-    4 KiB and a READ DMA EXT finish on the register thread, data intact."""
+    4 KiB and a READ DMA EXT finish on the register thread, data intact.
+    (Where the file system refuses RWF_NOWAIT, as tmpfs does, they all take
+    workers instead.)"""
+    with open(image, "rb") as f:
+        try:
+            os.preadv(f.fileno(), [bytearray(1)], 0, os.RWF_NOWAIT)
+            inline = True
+        except OSError:
+            inline = False
     jobs = _count_worker_jobs(drv)
     for tag in range(32):
         ncq_read(drv, tag, tag * 100, 8)
@@ -280,7 +288,7 @@ def test_cached_short_reads_complete_without_a_worker(drv: AhciDriver) -> None:
         assert drv.ram.read(DATA_BASE + tag * 0x10000, 8 * SECTOR) == pattern(tag * 100, 8)
     pis, data = read(drv, 7, 16)
     assert not pis & TFES and data == pattern(7, 16)
-    assert jobs == []
+    assert len(jobs) == (0 if inline else 33)
 
 
 def test_reads_that_would_wait_go_to_workers(drv: AhciDriver,

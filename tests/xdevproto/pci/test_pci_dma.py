@@ -188,6 +188,51 @@ def test_preadv_pwritev_straight_into_guest_memory(ram: MemfdRam, gm: GuestMemor
         assert gm.preadv(f.fileno(), [SgEntry(0, 1024)], 4096 + 3 * 512 - 100) == 100
 
 
+class DirectContext(FakeContext):
+    """A runtime that reaches guest memory itself (DeviceContext.file_io)."""
+
+    def __init__(self, base: int, size: int) -> None:
+        super().__init__(base, size)
+        self.file_calls: list[list[tuple[int, int]]] = []
+
+    direct = True
+
+    def file_io(self, fd: int, ranges, offset: int, to_guest: bool,  # type: ignore[no-untyped-def]
+                flags: int = 0) -> int:
+        self.file_calls.append(list(ranges))
+        views = [memoryview(self.mem)[a - self.base:a - self.base + n] for a, n in ranges]
+        return (os.preadv if to_guest else os.pwritev)(fd, views, offset, flags)
+
+
+def test_file_io_through_the_runtime_when_no_region_has_an_fd(
+        ram: MemfdRam, gm: GuestMemory) -> None:
+    """Regions without an fd, with a runtime that maps the guest: a whole
+    list is one file_io call, no message; mixed with fd regions, the
+    entries go one by one as before."""
+    ctx = DirectContext(8 * PAGE, 4 * PAGE)
+    gm.ctx = ctx
+    gm.map(DmaRegion(8 * PAGE, 4 * PAGE, True, True))
+    gm.map(memfd_region(ram, 0, PAGE))
+    with tempfile.TemporaryFile() as f:
+        payload = os.urandom(3 * 512)
+        os.pwrite(f.fileno(), payload, 0)
+        sg = [SgEntry(9 * PAGE, 512), SgEntry(8 * PAGE + 100, 512), SgEntry(11 * PAGE, 512)]
+        assert gm.preadv(f.fileno(), sg, 0) == 3 * 512
+        assert ctx.file_calls == [[(9 * PAGE, 512), (8 * PAGE + 100, 512), (11 * PAGE, 512)]]
+        assert ctx.messages == []
+        assert bytes(ctx.mem[PAGE:PAGE + 512]) == payload[:512]
+        assert bytes(ctx.mem[100:612]) == payload[512:1024]
+        assert gm.pwritev(f.fileno(), sg, 4096) == 3 * 512
+        assert os.pread(f.fileno(), 3 * 512, 4096) == payload
+        assert gm.preadv(f.fileno(), sg, 4096 + 3 * 512 - 100) == 100  # end of file
+        ctx.file_calls.clear()
+        assert gm.preadv(f.fileno(), [SgEntry(0x10, 512), SgEntry(9 * PAGE, 512)], 0) == 1024
+        assert ctx.file_calls == [] and ctx.messages == [("write", 9 * PAGE, 512)]
+        with pytest.raises(DmaError):  # outside every region: refused before the call
+            gm.preadv(f.fileno(), [SgEntry(13 * PAGE, 512)], 0)
+        assert ctx.file_calls == []
+
+
 def _nowait_reads(fd: int) -> bool:
     """Whether the file system answers RWF_NOWAIT reads (tmpfs does not)."""
     try:
@@ -200,8 +245,9 @@ def _nowait_reads(fd: int) -> bool:
 def test_nowait_refuses_what_would_wait(ram: MemfdRam, gm: GuestMemory,
                                         tmp_path: Path) -> None:
     """Inside nowait(): fd-mapped memory and cached file data work; a DMA
-    message to a peer, a file write and uncached data raise WouldBlock.
-    Outside it, everything works as before."""
+    message to a peer, a file write and uncached data raise WouldBlock; a
+    runtime that reaches the guest itself counts as mapped. Outside it,
+    everything works as before."""
     gm.map(memfd_region(ram, 0, PAGE))
     ctx = FakeContext(8 * PAGE, 4 * PAGE)
     gm.ctx = ctx
@@ -229,6 +275,13 @@ def test_nowait_refuses_what_would_wait(ram: MemfdRam, gm: GuestMemory,
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         with gm.nowait(), pytest.raises(WouldBlock):
             gm.preadv(f.fileno(), [SgEntry(0, 1024)], 0)
+        direct = DirectContext(8 * PAGE, 4 * PAGE)
+        gm.ctx = direct
+        with gm.nowait():
+            assert gm.read(8 * PAGE, 4) == bytes(4)
+            os.pread(f.fileno(), 1024, 0)  # into the page cache again
+            assert gm.preadv(f.fileno(), [SgEntry(9 * PAGE, 1024)], 0) == 1024
+        assert bytes(direct.mem[PAGE:PAGE + 1024]) == payload
 
 
 def test_unmap_waits_for_in_flight_dma(ram: MemfdRam, gm: GuestMemory) -> None:
