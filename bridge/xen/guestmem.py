@@ -44,11 +44,11 @@ from bridge.xen.errors import GuestMemoryError, XenCallError
 BUCKET_SHIFT = 20
 BUCKET_SIZE = 1 << BUCKET_SHIFT
 PAGES_PER_BUCKET = BUCKET_SIZE >> PAGE_SHIFT
-# 4 GiB of address space mapped at most: all of a small guest, as QEMU's
-# mapcache keeps it. Each eviction is an unmap (TLB flushes on every dom0
-# CPU) and a later re-map of 256 pages; with a bucket cache smaller than the
-# guest, disk I/O spread over its RAM did that over and over.
-DEFAULT_MAX_BUCKETS = 4096
+# 64 MiB of address space mapped at most, what the bridge has always used.
+# Each eviction is an unmap (TLB flushes on every dom0 CPU) and a later
+# re-map of 256 pages; device servers that map the guest themselves keep far
+# more (bridge.foreign.FOREIGN_MAX_BUCKETS).
+DEFAULT_MAX_BUCKETS = 64
 DEFAULT_LIMIT = 1 << 52  # x86-64 architectural maximum physical address width
 MAX_ACCESS = 1 << 24  # one call moves at most 16 MiB
 IOV_MAX = 1024  # iovecs one preadv/pwritev takes (Linux UIO_MAXIOV)
