@@ -1,6 +1,6 @@
 """e1000 TX and RX throughput through the protocol, against bare sockets.
 
-    python bench/e1000.py [--json OUT] [--seconds S] [--size BYTES]
+    python bench/e1000.py [--json OUT] [--seconds S] [--rounds N] [--size BYTES]
 
 The server (``xdev-e1000`` in its own process, ``dgram`` back end on
 loopback) gets guest RAM as an fd-mapped DMA region; the bench plays the
@@ -22,6 +22,11 @@ or this process driving TX) on one CPU and the receiver (the server, or the
 baseline's receiver) on another, so they measure CPU cost; the same figures
 with the scheduler's placement follow as ``*_unpinned`` (this machine's
 cross-CPU wake-ups and other load make them noisy).
+
+Baseline, TX and RX alternate in ``--rounds`` short rounds against one
+server; the rates are medians and each ratio is the median of the ratios
+taken within a round, so load from elsewhere on the machine falls on both
+sides of it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -57,6 +63,7 @@ RX_REFILL = 16  # Linux's E1000_RX_BUFFER_WRITE
 IDLE_WAIT = 0.0002  # an interrupt throttled to ~4000/s, as Linux's default ITR allows
 RAM = 8 << 20
 ALL_CPUS = os.sched_getaffinity(0)
+MPC = 0x4010  # missed packets: frames that found the ring full (clear on read)
 TX_RING, RX_RING, TX_BUF, RX_BUF = 0x1000, 0x4000, 0x100000, 0x200000
 
 
@@ -71,6 +78,7 @@ def frame(size: int) -> bytes:
 
 
 STOP = b"xdev-bench-stop"
+MARK = b"xdev-bench-mark"
 
 
 def _count(conn: Any, cpu: int | None) -> None:
@@ -82,8 +90,11 @@ def _count(conn: Any, cpu: int | None) -> None:
     n, peer = 0, None
     while True:
         size, addr = sock.recvfrom_into(buf)
-        if size == len(STOP) and buf[:size] == STOP:
-            break
+        if size == len(STOP) and buf[:size] in (STOP, MARK):
+            if buf[:size] == STOP:
+                break
+            conn.send((n, peer))
+            continue
         n += 1
         peer = addr
     conn.send((n, peer))
@@ -98,12 +109,20 @@ class Counter:
         self.proc.start()
         self.port: int = self.conn.recv()
 
+    def mark(self) -> tuple[int, tuple[str, int] | None]:
+        """The datagrams counted so far and the last sender's address."""
+        return self._ask(MARK)
+
     def finish(self) -> tuple[int, tuple[str, int] | None]:
         """Stop; the datagrams counted and the last sender's address."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.sendto(STOP, ("127.0.0.1", self.port))
-        result: tuple[int, tuple[str, int] | None] = self.conn.recv()
+        result = self._ask(STOP)
         self.proc.join()
+        return result
+
+    def _ask(self, what: bytes) -> tuple[int, tuple[str, int] | None]:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(what, ("127.0.0.1", self.port))
+        result: tuple[int, tuple[str, int] | None] = self.conn.recv()
         return result
 
 
@@ -195,6 +214,7 @@ def measure_rx(c: Client, ram: MemfdRam, port: int, size: int, seconds: float,
         head = (head + 1) % RX_RING_SIZE
     wr(c, R.RDT, (head - 1) % RX_RING_SIZE)
     received = returned = 0
+    rd(c, MPC)  # clear on read: count only the frames missed from here on
     start = time.monotonic()
     end = start + seconds
     while time.monotonic() < end:
@@ -211,16 +231,21 @@ def measure_rx(c: Client, ram: MemfdRam, port: int, size: int, seconds: float,
         if not got:
             time.sleep(IDLE_WAIT)
     elapsed = time.monotonic() - start
-    missed = rd(c, 0x4010)  # MPC: frames that found the ring full
+    missed = rd(c, MPC)
     p.join()
+    wr(c, R.RCTL, 0)  # the next round sets the ring up afresh
     if missed:
-        print(f"rx: {missed} frames found the ring full", file=sys.stderr)
+        print(f"rx: {missed} frames found the ring full while measured", file=sys.stderr)
     return received / elapsed
 
 
-def run(size: int, seconds: float, cpus: tuple[int, int] | None) -> tuple[float, float, float]:
-    """(baseline, tx, rx) frames/s with the given placement."""
-    base = baseline(size, seconds, cpus)
+def run(size: int, seconds: float, rounds: int,
+        cpus: tuple[int, int] | None) -> dict[str, float]:
+    """Baseline, TX and RX in ``rounds`` rounds of ``seconds / rounds``
+    each with the given placement; medians of the rates, and of the
+    ratios taken within each round, so that load from elsewhere on the
+    machine falls on both sides of a ratio."""
+    per = seconds / rounds
     pin(cpus[0] if cpus else None)
     counter = Counter(cpus[0] if cpus else None)
     tmp = tempfile.mkdtemp(prefix="xdev-bench-")
@@ -229,6 +254,9 @@ def run(size: int, seconds: float, cpus: tuple[int, int] | None) -> tuple[float,
         [sys.executable, "-m", "servers.e1000.cli", "--socket", path, "--log-level", "warning",
          "--netdev", f"dgram,local=127.0.0.1:0,remote=127.0.0.1:{counter.port}"],
         cwd=ROOT, preexec_fn=(lambda: pin(cpus[1])) if cpus else None)
+    base: list[float] = []
+    tx: list[float] = []
+    rx: list[float] = []
     try:
         deadline = time.monotonic() + 20
         while not os.path.exists(path):
@@ -237,25 +265,35 @@ def run(size: int, seconds: float, cpus: tuple[int, int] | None) -> tuple[float,
             time.sleep(0.05)
         with MemfdRam(RAM) as ram, Client.connect(path, guest=ram) as c:
             c.dma_map(0, RAM, fd=ram.fd)
-            elapsed = measure_tx(c, ram, size, seconds)
-            time.sleep(0.2)
-            sent, device = counter.finish()
-            if device is None:
-                raise SystemExit("no frame reached the wire")
-            rx = measure_rx(c, ram, device[1], size, seconds, cpus[0] if cpus else None)
+            for _ in range(rounds):
+                base.append(baseline(size, per, cpus))
+                pin(cpus[0] if cpus else None)
+                before = counter.mark()[0]
+                elapsed = measure_tx(c, ram, size, per)
+                time.sleep(0.2)
+                sent, device = counter.mark()
+                if device is None:
+                    raise SystemExit("no frame reached the wire")
+                tx.append((sent - before) / elapsed)
+                rx.append(measure_rx(c, ram, device[1], size, per, cpus[0] if cpus else None))
     finally:
         proc.terminate()
         proc.wait(10)
         if counter.proc.is_alive():
             counter.finish()
         os.sched_setaffinity(0, ALL_CPUS)
-    return base, sent / elapsed, rx
+    med = statistics.median
+    return {"baseline": med(base), "tx": med(tx), "rx": med(rx),
+            "ratio_tx": med(t / b for t, b in zip(tx, base, strict=True)) if all(base) else 0.0,
+            "ratio_rx": med(r / b for r, b in zip(rx, base, strict=True)) if all(base) else 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the figures to this file")
-    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--seconds", type=float, default=3.0,
+                    help="per direction and placement, split into the rounds")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--size", type=int, default=1500)
     args = ap.parse_args(argv)
     bits = args.size * 8 / 1e6
@@ -265,16 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(cpus) >= 2:
         placements = [("", (cpus[0], cpus[1])), ("_unpinned", None)]
     for suffix, placement in placements:
-        base, tx, rx = run(args.size, args.seconds, placement)
+        f = run(args.size, args.seconds, args.rounds, placement)
         results.update({
-            f"tx_pps{suffix}": round(tx),
-            f"rx_pps{suffix}": round(rx),
-            f"tx_mbit_per_s{suffix}": round(tx * bits, 1),
-            f"rx_mbit_per_s{suffix}": round(rx * bits, 1),
-            f"baseline_pps{suffix}": round(base),
-            f"ratio_tx_vs_baseline{suffix}": round(tx / base, 3) if base else 0.0,
-            f"ratio_rx_vs_baseline{suffix}": round(rx / base, 3) if base else 0.0,
+            f"tx_pps{suffix}": round(f["tx"]),
+            f"rx_pps{suffix}": round(f["rx"]),
+            f"tx_mbit_per_s{suffix}": round(f["tx"] * bits, 1),
+            f"rx_mbit_per_s{suffix}": round(f["rx"] * bits, 1),
+            f"baseline_pps{suffix}": round(f["baseline"]),
+            f"ratio_tx_vs_baseline{suffix}": round(f["ratio_tx"], 3),
+            f"ratio_rx_vs_baseline{suffix}": round(f["ratio_rx"], 3),
         })
+    results["rounds"] = args.rounds
     for key, value in results.items():
         print(f"{key:34} {value}")
     if args.json:
