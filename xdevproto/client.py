@@ -67,17 +67,25 @@ class Client:
         capabilities: wire.Capabilities | None = None,
         twin_socket: bool = True,
         guest_memory_offer: dict[str, Any] | None = None,
+        ioreq_offer: dict[str, Any] | None = None,
     ) -> None:
         """``guest_memory_offer``: xdev extension, e.g. ``{"kind":
         "xen-foreign", "domid": 5}``: the server may map guest memory itself
-        instead of sending DMA_READ/DMA_WRITE (see :attr:`direct_memory`)."""
+        instead of sending DMA_READ/DMA_WRITE (see :attr:`direct_memory`).
+        ``ioreq_offer``: xdev extension, e.g. ``{"kind": "xen", "domid":
+        5}``: the server may serve the guest's BAR accesses itself (see
+        :attr:`direct_ioreq`)."""
         self.transport = Transport(sock, max_recv_fds=wire.MAX_IO_FD_ENTRIES)
         # The register-access path's own handles on the socket and buffer.
         self._sendall, self._recv_into = sock.sendall, sock.recv_into
         self._rbuf, self._rview = self.transport.rbuf, self.transport.rview
         fds_ok = self.transport.passes_fds
-        exts = ({wire.XDEV_EXTENSION: {"guest_memory": guest_memory_offer}}
-                if guest_memory_offer else {})
+        xdev: dict[str, Any] = {}
+        if guest_memory_offer:
+            xdev["guest_memory"] = guest_memory_offer
+        if ioreq_offer:
+            xdev["ioreq"] = ioreq_offer
+        exts = {wire.XDEV_EXTENSION: xdev} if xdev else {}
         caps = capabilities or wire.Capabilities(
             max_msg_fds=8 if fds_ok else 0,
             twin_socket=wire.TwinSocket(True) if twin_socket and fds_ok else None,
@@ -131,10 +139,30 @@ class Client:
             # blocked on it costs the main socket's round trips nothing.
             self.start_dma_service()
 
-    def _accepted_memory(self) -> Any:
+    def _accepted(self, key: str) -> Any:
         neg = self.conn.negotiated
         ext = neg.extensions.get(wire.XDEV_EXTENSION) if neg else None
-        return ext.get("guest_memory") if isinstance(ext, dict) else None
+        return ext.get(key) if isinstance(ext, dict) else None
+
+    def _accepted_memory(self) -> Any:
+        return self._accepted("guest_memory")
+
+    @property
+    def direct_ioreq(self) -> str | None:
+        """The kind of ioreq server (``"xen"``) the server accepted to serve
+        itself (:meth:`ioreq_serve`), or None."""
+        accepted = self._accepted("ioreq")
+        kind = accepted.get("kind") if isinstance(accepted, dict) else None
+        return kind if isinstance(kind, str) else None
+
+    def ioreq_serve(self, serve: wire.IoreqServe) -> None:
+        """Have the server serve (or go on serving, with these ranges) an ioreq
+        server itself; returns once it does."""
+        self.call(Command.XDEV_IOREQ_SERVE, serve)
+
+    def ioreq_release(self) -> None:
+        """Have the server stop serving its ioreq server; returns once it has."""
+        self.call(Command.XDEV_IOREQ_RELEASE, b"")
 
     @property
     def direct_memory(self) -> bool:

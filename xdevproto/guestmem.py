@@ -14,6 +14,7 @@ import os
 from typing import Protocol
 
 from .errors import DeviceError
+from .wire import IoreqServe
 
 
 class GuestMemory(Protocol):
@@ -71,3 +72,14 @@ class MemfdRam:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+class IoreqAttachment(Protocol):
+    """A server's side of the xdev ioreq extension (e.g. a Xen ioreq server
+    the client created, served here): :meth:`serve` starts serving, or
+    changes the ranges served; :meth:`release` stops, after which nothing
+    reaches the device through it; it may serve again later."""
+
+    def serve(self, request: IoreqServe) -> None: ...
+
+    def release(self) -> None: ...

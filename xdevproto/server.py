@@ -39,7 +39,7 @@ from .connection import (
 from .device import Device, DeviceContext, DmaRegion, RegionDesc
 from .errors import ConnectionClosed, DeviceError, PeerProtocolError, VfioUserError
 from .features import handle_feature
-from .guestmem import MappedGuestMemory
+from .guestmem import IoreqAttachment, MappedGuestMemory
 from .transport import Transport, peer_credentials
 from .wire import Command, SetIrqsFlags
 
@@ -108,6 +108,7 @@ class Session(DeviceContext):
         self._twin: tuple[Transport, Connection] | None = None
         self._twin_lock = threading.Lock()
         self.direct_memory: MappedGuestMemory | None = None
+        self.ioreq: IoreqAttachment | None = None  # the xdev ioreq extension
         self.invalidations = 0  # XDEV_GUEST_MEMORY_INVALIDATE carried out
 
     # -- DeviceContext -----------------------------------------------------------
@@ -116,15 +117,20 @@ class Session(DeviceContext):
         neg = self.conn.negotiated
         return neg.peer_max_data_xfer_size if neg else wire.DEFAULT_MAX_DATA_XFER_SIZE
 
-    def accept_guest_memory(self, req: Request) -> None:
-        """xdev extension: the client offers guest memory this server may map
-        itself (``{"xdev": {"guest_memory": {"kind": K, ...}}}``); accept it
-        when a mapper for K is configured, so that DMA to regions mapped
-        without an fd skips the DMA_READ/DMA_WRITE messages."""
+    def accept_xdev(self, req: Request) -> None:
+        """xdev extensions the client offers in VERSION (wire.XDEV_EXTENSION),
+        accepted where this server is configured for them:
+
+        * ``guest_memory``: guest memory this server may map itself
+          (``{"kind": K, ...}``), so that DMA to regions mapped without an fd
+          skips the DMA_READ/DMA_WRITE messages;
+        * ``ioreq``: the guest's BAR accesses straight from the hypervisor
+          (``{"kind": K, ...}``), served after XDEV_IOREQ_SERVE."""
         caps = self.conn.our_caps
         exts = {k: v for k, v in caps.extensions.items() if k != wire.XDEV_EXTENSION}
         assert isinstance(req.payload, wire.Version)
         offer = req.payload.capabilities.extensions.get(wire.XDEV_EXTENSION)
+        accepted: dict[str, Any] = {}
         memory = offer.get("guest_memory") if isinstance(offer, dict) else None
         kind = memory.get("kind") if isinstance(memory, dict) else None
         factory = self.server.guest_mappers.get(kind) if isinstance(kind, str) else None
@@ -134,8 +140,21 @@ class Session(DeviceContext):
             except Exception as exc:  # the offer is the peer's; refusing it is enough
                 log.warning("guest memory %r offered but not usable: %s", kind, exc)
             else:
-                exts[wire.XDEV_EXTENSION] = {"guest_memory": {"kind": kind, "invalidate": True}}
+                accepted["guest_memory"] = {"kind": kind, "invalidate": True}
                 log.info("DMA through %s guest memory, without messages", kind)
+        ioreq = offer.get("ioreq") if isinstance(offer, dict) else None
+        kind = ioreq.get("kind") if isinstance(ioreq, dict) else None
+        attacher = self.server.ioreq_attachers.get(kind) if isinstance(kind, str) else None
+        if attacher is not None and isinstance(ioreq, dict):
+            try:
+                self.ioreq = attacher(ioreq, self.device)
+            except Exception as exc:
+                log.warning("ioreq %r offered but not usable: %s", kind, exc)
+            else:
+                accepted["ioreq"] = {"kind": kind}
+                log.info("BAR accesses through %s ioreqs offered and accepted", kind)
+        if accepted:
+            exts[wire.XDEV_EXTENSION] = accepted
         self.conn.our_caps = dataclasses.replace(caps, extensions=exts)
 
     def dma_read(self, iova: int, length: int) -> bytes:
@@ -404,6 +423,7 @@ class Session(DeviceContext):
 
     def _teardown(self) -> None:
         self.closed = True
+        self._release_ioreq()
         for waiter in self.waiters.values():
             waiter.error = ConnectionClosed("client is gone")
             waiter.done.set()
@@ -429,6 +449,14 @@ class Session(DeviceContext):
         if self._twin is not None:
             self._twin[0].close()
         self.transport.close()
+
+    def _release_ioreq(self) -> None:
+        """Nothing reaches the device from the hypervisor after this."""
+        if self.ioreq is not None:
+            try:
+                self.ioreq.release()
+            except Exception:
+                log.exception("ioreq server not released")
 
     def _drop_direct_memory(self) -> None:
         memory, self.direct_memory = self.direct_memory, None
@@ -484,11 +512,16 @@ class Server:
         twin_socket: bool = True,
         allowed_uids: Iterable[int] | None = None,
         guest_mappers: Mapping[str, Callable[[dict[str, Any]], MappedGuestMemory]] | None = None,
+        ioreq_attachers: Mapping[str, Callable[[dict[str, Any], Device], IoreqAttachment]]
+        | None = None,
     ) -> None:
         """``guest_mappers``: kinds of guest memory this server can map by
-        itself (see Session.accept_guest_memory), e.g. ``xen-foreign``."""
+        itself (see Session.accept_xdev), e.g. ``xen-foreign``.
+        ``ioreq_attachers``: kinds of ioreq server whose requests this server
+        can take itself (Session.accept_xdev), e.g. ``xen``."""
         self.device = device
         self.guest_mappers = dict(guest_mappers or {})
+        self.ioreq_attachers = dict(ioreq_attachers or {})
         self.capabilities = capabilities or wire.Capabilities(max_msg_fds=8)
         self.twin_socket = twin_socket
         self.allowed_uids = frozenset(allowed_uids) if allowed_uids is not None else None
@@ -598,7 +631,7 @@ _WRITE = int(wire.RegionFlags.WRITE)
 
 
 def _version(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
-    s.accept_guest_memory(req)
+    s.accept_xdev(req)
     try:
         reply = s.conn.accept_version(req, twin_socket=s.server.twin_socket
                                       and s.transport.passes_fds)
@@ -746,6 +779,27 @@ def _invalidate_guest_memory(s: Session, req: Request) -> tuple[wire.Payload | b
     return NOTHING
 
 
+def _ioreq_serve(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    if s.ioreq is None:
+        raise DeviceError("no ioreq server of the xdev extension to serve", errno.ENOTSUP)
+    p = req.payload
+    assert isinstance(p, wire.IoreqServe)
+    for r in p.ranges:
+        size = s.device.region(r.region).size if 0 <= r.region < s.device.num_regions else 0
+        if not size or r.region == wire.PciRegion.CONFIG:
+            raise DeviceError(f"range {r.start:#x}+{r.size:#x}: no region {r.region} "
+                              "to serve", errno.EINVAL)
+    s.ioreq.serve(p)
+    return NOTHING
+
+
+def _ioreq_release(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
+    if s.ioreq is None:
+        raise DeviceError("no ioreq server of the xdev extension to release", errno.ENOTSUP)
+    s.ioreq.release()
+    return NOTHING
+
+
 def _reset(s: Session, req: Request) -> tuple[wire.Payload | bytes, list[int]]:
     s.device.reset()
     return NOTHING
@@ -790,6 +844,8 @@ HANDLERS: dict[Command, Handler] = {
     Command.MIG_DATA_READ: _mig_data_read,
     Command.MIG_DATA_WRITE: _mig_data_write,
     Command.XDEV_GUEST_MEMORY_INVALIDATE: _invalidate_guest_memory,
+    Command.XDEV_IOREQ_SERVE: _ioreq_serve,
+    Command.XDEV_IOREQ_RELEASE: _ioreq_release,
 }
 
 

@@ -63,6 +63,13 @@ class Command(enum.IntEnum):
     #: xdev guest-memory extension in VERSION: drop every mapping of guest
     #: memory the server made itself, before replying (see XDEV_EXTENSION).
     XDEV_GUEST_MEMORY_INVALIDATE = 0xC000
+    #: xdev's own, sent only to a server that accepted the xdev ioreq
+    #: extension: serve this ioreq server's requests for these ranges of the
+    #: device's regions yourself (payload IoreqServe; see XDEV_EXTENSION).
+    XDEV_IOREQ_SERVE = 0xC001
+    #: xdev's own: stop serving the ioreq server of XDEV_IOREQ_SERVE (unbind
+    #: from it, lower the INTx line) before replying.
+    XDEV_IOREQ_RELEASE = 0xC002
 
 
 #: Commands a server may send to its client ("Server-to-client commands").
@@ -235,6 +242,14 @@ WRITE_MULTI_DATA = 8
 #: which must drop every mapping before its reply. A client refuses an
 #: acceptance without ``invalidate``: such a server would keep using frames
 #: that no longer belong to the guest.
+#:
+#: ``{"xdev": {"ioreq": {"kind": "xen", "domid": N}}}`` from a client offers
+#: the guest's accesses to the device's BARs straight from the hypervisor:
+#: the client (xdev-bridge) keeps an ioreq server per device and routes the
+#: BARs there; a server that echoes ``{"ioreq": {"kind": "xen"}}`` serves
+#: that ioreq server's requests itself after XDEV_IOREQ_SERVE, and drives
+#: the device's INTx line itself meanwhile (the client sees no BAR access to
+#: end an interrupt by), until XDEV_IOREQ_RELEASE or the session's end.
 XDEV_EXTENSION = "xdev"
 
 # Domain aliases keep the declarations readable.
@@ -325,6 +340,18 @@ FEAT_LOGGING_S = c.Struct("page_size" / c.Int64ul, "num_ranges" / c.Int32ul, "re
 FEAT_LOGGING_RANGE_S = c.Struct("iova" / Iova, "length" / Size64)
 FEAT_REPORT_S = c.Struct("iova" / Iova, "length" / Size64, "page_size" / c.Int64ul)
 MIG_DATA_S = c.Struct("argsz" / ArgSz, "size" / c.Int32ul)
+#: XDEV_IOREQ_SERVE: which ioreq server, the guest's PCI address of the
+#: device (Xen's SBDF), the guest's vCPUs, then ``nr_ranges`` ranges.
+IOREQ_SERVE_HEAD_S = c.Struct(
+    "ioservid" / c.Int32ul, "sbdf" / c.Int32ul, "nr_vcpus" / c.Int32ul, "nr_ranges" / c.Int32ul
+)
+#: One range of XDEV_IOREQ_SERVE: guest address, length, the device region it
+#: shows, flags (IOREQ_RANGE_MMIO; port I/O without it).
+IOREQ_RANGE_S = c.Struct(
+    "start" / c.Int64ul, "size" / Size64, "region" / c.Int32ul, "flags" / Flags32
+)
+IOREQ_RANGE_MMIO = 1
+IOREQ_SERVE_MAX_RANGES = 16  # six BARs and a ROM, with room to spare
 
 
 def fast_view(decl: c.Struct) -> struct.Struct:
@@ -1094,6 +1121,61 @@ class MigData(Payload):
         return cls(h.argsz, h.size, body)
 
 
+@dataclass(frozen=True, slots=True)
+class IoreqRange:
+    start: int
+    size: int
+    region: int
+    mmio: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IoreqServe(Payload):
+    """XDEV_IOREQ_SERVE request: ``IOREQ_SERVE_HEAD_S`` then ``nr_ranges``
+    times ``IOREQ_RANGE_S``. Ranges are non-empty, inside 64 bits (port
+    ranges inside 16), and do not overlap."""
+
+    ioservid: int
+    sbdf: int
+    nr_vcpus: int
+    ranges: tuple[IoreqRange, ...] = ()
+
+    def encode(self) -> bytes:
+        out = IOREQ_SERVE_HEAD_S.build({"ioservid": self.ioservid, "sbdf": self.sbdf,
+                                        "nr_vcpus": self.nr_vcpus,
+                                        "nr_ranges": len(self.ranges)})
+        for r in self.ranges:
+            out += IOREQ_RANGE_S.build({"start": r.start, "size": r.size, "region": r.region,
+                                        "flags": IOREQ_RANGE_MMIO if r.mmio else 0})
+        return out
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> IoreqServe:
+        h = _parse(IOREQ_SERVE_HEAD_S, data, "XDEV_IOREQ_SERVE")
+        hsize, rsize = IOREQ_SERVE_HEAD_S.sizeof(), IOREQ_RANGE_S.sizeof()
+        if h.nr_ranges > IOREQ_SERVE_MAX_RANGES:
+            raise PeerProtocolError(f"XDEV_IOREQ_SERVE: {h.nr_ranges} ranges, at most "
+                                    f"{IOREQ_SERVE_MAX_RANGES}")
+        if len(data) != hsize + h.nr_ranges * rsize:
+            raise PeerProtocolError("XDEV_IOREQ_SERVE: size does not match nr_ranges")
+        ranges: list[IoreqRange] = []
+        for i in range(h.nr_ranges):
+            e = IOREQ_RANGE_S.parse(bytes(data[hsize + i * rsize:hsize + (i + 1) * rsize]))
+            if e.flags & ~IOREQ_RANGE_MMIO:
+                raise PeerProtocolError(f"XDEV_IOREQ_SERVE: unknown range flags {e.flags:#x}")
+            mmio = bool(e.flags & IOREQ_RANGE_MMIO)
+            limit = 1 << 64 if mmio else 1 << 16
+            if not e.size or e.start + e.size > limit:
+                raise PeerProtocolError(f"XDEV_IOREQ_SERVE: bad range {e.start:#x}+{e.size:#x}")
+            ranges.append(IoreqRange(e.start, e.size, e.region, mmio))
+        for a in ranges:
+            for b in ranges:
+                if a is not b and a.mmio == b.mmio and a.start < b.start + b.size \
+                        and b.start < a.start + a.size:
+                    raise PeerProtocolError("XDEV_IOREQ_SERVE: ranges overlap")
+        return cls(h.ioservid, h.sbdf, h.nr_vcpus, tuple(ranges))
+
+
 # --------------------------------------------------------------------------
 # Which payload class each command uses, per direction
 
@@ -1116,6 +1198,8 @@ REQUEST_TYPES: dict[Command, type[Payload]] = {
     Command.MIG_DATA_READ: MigData,
     Command.MIG_DATA_WRITE: MigData,
     Command.XDEV_GUEST_MEMORY_INVALIDATE: Empty,
+    Command.XDEV_IOREQ_SERVE: IoreqServe,
+    Command.XDEV_IOREQ_RELEASE: Empty,
 }
 
 REPLY_TYPES: dict[Command, type[Payload]] = {
@@ -1124,6 +1208,7 @@ REPLY_TYPES: dict[Command, type[Payload]] = {
     Command.DEVICE_SET_IRQS: Empty,
     Command.REGION_WRITE_MULTI: WriteMultiReply,
     Command.MIG_DATA_WRITE: Empty,
+    Command.XDEV_IOREQ_SERVE: Empty,
 }
 
 

@@ -345,7 +345,7 @@ def test_client_refuses_direct_memory_without_invalidation(tmp_path, monkeypatch
         exts = {**caps.extensions, wire.XDEV_EXTENSION: {"guest_memory": {"kind": "k"}}}
         self.conn.our_caps = dataclasses.replace(caps, extensions=exts)
 
-    monkeypatch.setattr(Session, "accept_guest_memory", old_style_accept)
+    monkeypatch.setattr(Session, "accept_xdev", old_style_accept)
     server = Server(TestDevice())
     lst = listen(str(tmp_path / "old.sock"))
     t = threading.Thread(target=server.serve, args=(lst,), daemon=True)

@@ -97,6 +97,21 @@ def mig_data(draw: st.DrawFn) -> wire.MigData:
     return wire.MigData(draw(U32), draw(st.integers(len(data), 0xFFFFFFFF)), data)
 
 
+@st.composite
+def ioreq_serve(draw: st.DrawFn) -> wire.IoreqServe:
+    """Valid requests: non-empty ranges inside their space, none overlapping
+    (they are laid out one after another)."""
+    ranges, at = [], {True: draw(st.integers(0, 1 << 40)), False: draw(st.integers(0, 0x8000))}
+    for _ in range(draw(st.integers(0, wire.IOREQ_SERVE_MAX_RANGES))):
+        mmio = draw(st.booleans())
+        size = draw(st.integers(1, 1 << 20 if mmio else 0x100))
+        if at[mmio] + size > (1 << 64 if mmio else 1 << 16):
+            continue
+        ranges.append(wire.IoreqRange(at[mmio], size, draw(U32), mmio))
+        at[mmio] += size + draw(st.integers(0, 0x100))
+    return wire.IoreqServe(draw(U32), draw(U32), draw(U32), tuple(ranges))
+
+
 STRATEGIES: dict[type[wire.Payload], st.SearchStrategy[Any]] = {
     wire.Empty: st.just(wire.EMPTY),
     wire.Version: st.builds(wire.Version, U16, U16, capabilities()),
@@ -121,6 +136,7 @@ STRATEGIES: dict[type[wire.Payload], st.SearchStrategy[Any]] = {
                                    st.lists(st.tuples(U64, U64), max_size=5).map(tuple)),
     wire.FeatDmaLoggingReport: st.builds(wire.FeatDmaLoggingReport, U64, U64, U64, BLOB),
     wire.MigData: mig_data(),
+    wire.IoreqServe: ioreq_serve(),
 }
 
 

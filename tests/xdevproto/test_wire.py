@@ -260,6 +260,23 @@ GOLDEN: list[tuple[str, Command, bool, bytes, wire.Payload]] = [
     ("XDEV_GUEST_MEMORY_INVALIDATE reply", Command.XDEV_GUEST_MEMORY_INVALIDATE, True, hx("""
         2a00 00c0 10000000 01000000 00000000
         """), wire.EMPTY),
+    # xdev's own: serve an ioreq server (0xC001), release it (0xC002).
+    ("XDEV_IOREQ_SERVE request", Command.XDEV_IOREQ_SERVE, False, hx("""
+        2b00 01c0 50000000 00000000 00000000  # size 16 + 16 + 2*24
+        03000000 28000000 02000000 02000000   # ioservid 3, sbdf 00:05.0, 2 vCPUs, 2 ranges
+        000000f000000000 0000020000000000 00000000 01000000  # MMIO 0xf0000000+128K: BAR0
+        00c0000000000000 4000000000000000 01000000 00000000  # ports 0xc000+64: BAR1
+        """), wire.IoreqServe(3, 0x28, 2, (wire.IoreqRange(0xF000_0000, 0x20000, 0, True),
+                                            wire.IoreqRange(0xC000, 0x40, 1, False)))),
+    ("XDEV_IOREQ_SERVE reply", Command.XDEV_IOREQ_SERVE, True, hx("""
+        2b00 01c0 10000000 01000000 00000000
+        """), wire.EMPTY),
+    ("XDEV_IOREQ_RELEASE request", Command.XDEV_IOREQ_RELEASE, False, hx("""
+        2c00 02c0 10000000 00000000 00000000
+        """), wire.EMPTY),
+    ("XDEV_IOREQ_RELEASE reply", Command.XDEV_IOREQ_RELEASE, True, hx("""
+        2c00 02c0 10000000 01000000 00000000
+        """), wire.EMPTY),
     ("REGION_WRITE_MULTI request", Command.REGION_WRITE_MULTI, False, hx("""
         0f00 0f00 48000000 00000000 00000000  # size 16 + 8 + 2*24
         0200000000000000  # wr_cnt 2
@@ -690,3 +707,23 @@ def test_fast_request_declines_what_needs_checks() -> None:
     server.receive_data(bad[1])
     ev = server.next_event()
     assert isinstance(ev, InvalidMessage) and ev.error.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("body, why", [
+    ("03000000 28000000 01000000 11000000", "ranges, at most"),          # 17 ranges
+    ("03000000 28000000 01000000 01000000", "size does not match"),      # range missing
+    ("03000000 28000000 01000000 01000000"
+     "0000000000000000 0000000000000000 00000000 01000000", "bad range"),  # empty
+    ("03000000 28000000 01000000 01000000"
+     "00f0ffffffffffff 0000010000000000 00000000 01000000", "bad range"),  # past 2**64
+    ("03000000 28000000 01000000 01000000"
+     "00ff000000000000 0002000000000000 01000000 00000000", "bad range"),  # ports past 64K
+    ("03000000 28000000 01000000 01000000"
+     "0000000000000000 0010000000000000 00000000 03000000", "flags"),      # unknown flag
+    ("03000000 28000000 01000000 02000000"
+     "0000000000000000 0010000000000000 00000000 01000000"
+     "0008000000000000 0010000000000000 02000000 01000000", "overlap"),
+])
+def test_ioreq_serve_rejects_bad_ranges(body: str, why: str) -> None:
+    with pytest.raises(PeerProtocolError, match=why):
+        wire.decode_payload(Command.XDEV_IOREQ_SERVE, False, hx(body))

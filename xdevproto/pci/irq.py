@@ -27,7 +27,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import DeviceError
 from ..wire import IrqIndex, SetIrqsFlags
@@ -54,6 +54,10 @@ class Interrupts:
         self.held: dict[int, set[int]] = {IrqIndex.MSI: set(), IrqIndex.MSIX: set()}
         self.levels = 0  # INTx sources, one bit per vector number
         self._line = False
+        # Where the line goes instead of the eventfd (set_line_sink), and
+        # the level last given to it.
+        self._sink: Callable[[bool], None] | None = None
+        self._sink_level = False
 
     # -- what the device calls ---------------------------------------------------------
     def mode(self) -> IrqIndex:
@@ -114,8 +118,40 @@ class Interrupts:
                     and self.mode() is IrqIndex.INTX)
             rising = line and not self._line
             self._line = line
-            if rising and not self.vfio_masked[IrqIndex.INTX][0]:
+            if self._sink is not None:
+                self._drive(line)
+            elif rising and not self.vfio_masked[IrqIndex.INTX][0]:
                 self._fire_intx()
+
+    def set_line_sink(self, sink: Callable[[bool], None] | None) -> None:
+        """Drive the INTx line through ``sink(level)``, called on each change
+        of level, instead of signalling the client's eventfd (the xdev ioreq
+        extension: the server then sets the line's level with the hypervisor
+        itself, as the client sees no BAR access to end an interrupt by).
+        The new sink is given the line's level at once if it is high; None
+        lowers the old sink's line and hands the line back to the eventfd,
+        signalling it if the line is high."""
+        with self.lock:
+            old = self._sink
+            if old is sink:
+                return
+            if old is not None and self._sink_level:
+                self._sink_level = False
+                old(False)
+            self._sink = sink
+            if sink is not None:
+                self._drive(self._line)
+            else:
+                # The client starts afresh: unmasked, and an edge if the line is high.
+                self.vfio_masked[IrqIndex.INTX][0] = 0
+                if self._line:
+                    self._fire_intx()
+
+    def _drive(self, line: bool) -> None:
+        sink = self._sink
+        if sink is not None and line != self._sink_level:
+            self._sink_level = line
+            sink(line)
 
     def _fire_intx(self) -> None:
         self._signal(IrqIndex.INTX, 0)
@@ -234,6 +270,7 @@ class Interrupts:
         with self.lock:
             self.levels = 0
             self._line = False
+            self._drive(False)
             for held in self.held.values():
                 held.clear()
             self.vfio_masked[IrqIndex.INTX][:] = bytes(self.counts[IrqIndex.INTX])
@@ -245,12 +282,15 @@ class Interrupts:
             self.cfg.set_interrupt_status(levels != 0)
             self._line = (levels != 0 and not self.cfg.command & CMD_INTX_DISABLE
                           and self.mode() is IrqIndex.INTX)
+            self._drive(self._line)
 
     def resample(self) -> None:
         """Signal INTx again if the line is high (after a migration load, the
         new client has not seen the edge)."""
         with self.lock:
-            if self._line and not self.vfio_masked[IrqIndex.INTX][0]:
+            if self._sink is not None:
+                self._drive(self._line)
+            elif self._line and not self.vfio_masked[IrqIndex.INTX][0]:
                 self._fire_intx()
 
     def _signal(self, index: int, vector: int) -> None:

@@ -122,6 +122,37 @@ def test_intx_through_registers(dev: SampleDevice, fds: Fds) -> None:
     assert cfg_r(dev, 0x06, 2) & 0x8 == 0
 
 
+def test_intx_line_sink_takes_the_line_and_gives_it_back(dev: SampleDevice,
+                                                         fds: Fds) -> None:
+    """The xdev ioreq extension: the server drives the line itself, both
+    edges, while a sink is set; the eventfd hears nothing meanwhile, and
+    gets an edge when the line comes back to it high."""
+    levels: list[bool] = []
+    dev.intr.raise_(0)
+    assert fds.count(IrqIndex.INTX) == 1  # automasked now
+    dev.intr.set_line_sink(levels.append)
+    assert levels == [True]  # high already: the sink hears so at once
+    dev.intr.lower(0)
+    dev.intr.raise_(1)
+    dev.intr.raise_(0)  # the line stays high: no new level
+    cfg_w(dev, 0x04, 0x0400, 2)  # Interrupt Disable
+    cfg_w(dev, 0x04, 0x0000, 2)
+    assert levels == [True, False, True, False, True]
+    assert fds.count(IrqIndex.INTX) == 0
+    dev.intr.set_line_sink(None)  # lowers the sink's line, unmasks the eventfd
+    assert levels[-1] is False and len(levels) == 6
+    assert fds.count(IrqIndex.INTX) == 1  # high: the client gets its edge
+    dev.intr.lower(0)
+    dev.intr.lower(1)
+    dev.intr.set_line_sink(levels.append)
+    assert len(levels) == 6  # low: nothing to say
+    dev.reset()
+    dev.intr.raise_(0)
+    assert levels[-1] is True
+    dev.intr.reset()
+    assert levels[-1] is False
+
+
 def enable_msi(dev: SampleDevice, mme: int = 2) -> int:
     off = cap(dev, 0x05)
     cfg_w(dev, off + 4, 0xFEE00000, 4)
