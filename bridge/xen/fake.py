@@ -10,6 +10,11 @@ buffered ring) and :meth:`FakeXen.kill_domain`.
 
 Not a model of Xen's scheduling: the test calls the server's step between
 sending and checking, as a vCPU would wait for the event.
+
+Each process has its own event channel handle in real life; a test with
+two parties (the bridge and a device server serving an ioreq server
+itself) gives the second its own with :meth:`FakeXen.open_handle`. A
+guest-side port can be bound by one party at a time, as in Xen.
 """
 
 from __future__ import annotations
@@ -95,14 +100,23 @@ class FakeXen:
         self.intx: dict[tuple[int, int, int, int], int] = {}
         self.msis: list[tuple[int, int]] = []
         self.maps: list[FakeMapping] = []
-        # Event channels: local port -> remote port; pending queue; pipe for poll().
+        # Event channels: local port -> remote port, and which handle bound
+        # it; each handle's pending queue and pipe for poll().
         self.bound: dict[int, int] = {}
+        self.owner: dict[int, FakeXen | FakeHandle] = {}
         self.masked: set[int] = set()
         self.notified: list[int] = []
         self._pending: collections.deque[int] = collections.deque()
         self._next_port = 1
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
+        self.handles: list[FakeHandle] = []
+
+    def open_handle(self) -> FakeHandle:
+        """Another process's view: its own event channel handle, the same Xen."""
+        handle = FakeHandle(self)
+        self.handles.append(handle)
+        return handle
 
     # -- helpers ----------------------------------------------------------
     def _live(self, domid: int) -> None:
@@ -116,9 +130,9 @@ class FakeXen:
         return self.servers[server]
 
     @staticmethod
-    def vp_eport(vcpu: int) -> int:
-        """The guest-side port Xen allocated for ``vcpu``."""
-        return 100 + vcpu
+    def vp_eport(vcpu: int, server: int = 1) -> int:
+        """The guest-side port Xen allocated for ``vcpu`` of ioreq ``server``."""
+        return 100 + 16 * (server - 1) + vcpu
 
     # -- libxendevicemodel ---------------------------------------------------
     def create_ioreq_server(self, domid: int, handle_bufioreq: int) -> int:
@@ -128,7 +142,7 @@ class FakeXen:
         sid = len(self.servers) + 1
         srv = FakeServer(handle_bufioreq, buf_remote_port=90 + sid)
         for vcpu in range(self.vcpus):
-            raw = abi.RawIoreq(0, 0, 0, 0, self.vp_eport(vcpu), 0, 0, 0, 0, 0, 0, 0)
+            raw = abi.RawIoreq(0, 0, 0, 0, self.vp_eport(vcpu, sid), 0, 0, 0, 0, 0, 0, 0)
             abi.ioreq_slot(srv.ioreq_page, vcpu)[:] = abi.pack_ioreq(raw)
         self.servers[sid] = srv
         self.calls.append(("create", sid, handle_bufioreq))
@@ -217,16 +231,27 @@ class FakeXen:
         return self._rfd
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        return self._bind(self, domid, remote_port)
+
+    def _bind(self, owner: FakeXen | FakeHandle, domid: int, remote_port: int) -> int:
         self._live(domid)
+        if remote_port in self.bound.values():
+            # Xen's evtchn_bind_interdomain: the remote port is not unbound.
+            raise XenCallError("xenevtchn_bind_interdomain", errno.EINVAL)
         port = self._next_port
         self._next_port += 1
         self.bound[port] = remote_port
+        self.owner[port] = owner
         return port
 
     def unbind(self, port: int) -> None:
-        if port not in self.bound:
+        self._unbind(self, port)
+
+    def _unbind(self, owner: FakeXen | FakeHandle, port: int) -> None:
+        if self.owner.get(port) is not owner:
             raise XenCallError("xenevtchn_unbind", errno.EINVAL)
         del self.bound[port]
+        del self.owner[port]
 
     def pending(self) -> int | None:
         if not self._pending:
@@ -248,15 +273,23 @@ class FakeXen:
     def _fire(self, remote_port: int) -> None:
         for local, remote in self.bound.items():
             if remote == remote_port:
-                self._pending.append(local)
-                os.write(self._wfd, b"e")
+                owner = self.owner[local]
+                owner._pending.append(local)
+                os.write(owner._wfd, b"e")
                 return
         raise AssertionError(f"nobody bound remote port {remote_port}")
+
+    def bound_by(self, remote_port: int) -> FakeXen | FakeHandle | None:
+        """Who has the guest-side port ``remote_port`` bound, if anyone."""
+        for local, remote in self.bound.items():
+            if remote == remote_port:
+                return self.owner[local]
+        return None
 
     def write_slot(self, server: int, vcpu: int, raw: abi.RawIoreq) -> None:
         """Store ``raw`` as is (hostile values welcome) and signal the vCPU's port."""
         abi.ioreq_slot(self.servers[server].ioreq_page, vcpu)[:] = abi.pack_ioreq(raw)
-        self._fire(self.vp_eport(vcpu))
+        self._fire(self.vp_eport(vcpu, server))
 
     def send(self, server: int, vcpu: int, typ: abi.IoreqType, direction: abi.IoreqDir,
              addr: int, size: int, data: int = 0, count: int = 1, *,
@@ -265,7 +298,7 @@ class FakeXen:
         if not self.servers[server].enabled:
             raise AssertionError("Xen sends nothing to a disabled server")
         self.write_slot(server, vcpu, abi.RawIoreq(
-            addr, data, count, size, self.vp_eport(vcpu), 0, abi.IoreqState.IOREQ_READY,
+            addr, data, count, size, self.vp_eport(vcpu, server), 0, abi.IoreqState.IOREQ_READY,
             int(data_is_ptr), int(direction), int(df), 0, int(typ)))
 
     def slot(self, server: int, vcpu: int) -> abi.RawIoreq:
@@ -295,5 +328,56 @@ class FakeXen:
         self.alive = False
 
     def close(self) -> None:
+        for handle in self.handles:
+            handle.close()
         os.close(self._rfd)
         os.close(self._wfd)
+
+
+class FakeHandle:
+    """A second party's handles on a :class:`FakeXen`: everything is the same
+    Xen except the event channels, which are its own (bound ports, pending
+    queue, pollable fd)."""
+
+    def __init__(self, xen: FakeXen) -> None:
+        self.xen = xen
+        self._pending: collections.deque[int] = collections.deque()
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        self.closed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.xen, name)
+
+    def evtchn_fd(self) -> int:
+        return self._rfd
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        return self.xen._bind(self, domid, remote_port)
+
+    def unbind(self, port: int) -> None:
+        self.xen._unbind(self, port)
+
+    def pending(self) -> int | None:
+        if not self._pending:
+            return None
+        os.read(self._rfd, 1)
+        port = self._pending.popleft()
+        self.xen.masked.add(port)
+        return port
+
+    def notify(self, port: int) -> None:
+        if self.xen.owner.get(port) is not self:
+            raise XenCallError("xenevtchn_notify", errno.EINVAL)
+        self.xen.notified.append(port)
+
+    def exit(self) -> None:
+        """The process died: the kernel closes its ports."""
+        for port in [p for p, o in self.xen.owner.items() if o is self]:
+            self.xen._unbind(self, port)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self._rfd)
+            os.close(self._wfd)

@@ -80,15 +80,22 @@ class IoreqServer:
 
     def __init__(self, xen: XenBackend, domid: int, handler: IoHandler, *,
                  memory: GuestMemory | None = None, atomics: Atomics | None = None,
-                 nr_vcpus: int | None = None, buffered: bool = True) -> None:
+                 nr_vcpus: int | None = None, buffered: bool = True,
+                 attach_id: int | None = None) -> None:
+        """``attach_id``: serve an ioreq server someone else (in this
+        domain) created and enabled, rather than creating one: map its page
+        and bind its ports; :meth:`close` then only unbinds and unmaps.
+        Without a buffered ring (Xen sends buffered requests for the legacy
+        VGA range only)."""
         self._xen = xen
         self.domid = domid
         self._handler = handler
         self._memory = memory
         self._atomics = atomics if atomics is not None else Atomics.load()
         self._nr_vcpus = nr_vcpus
-        self._want_buffered = buffered and self._atomics.atomic
-        if buffered and not self._atomics.atomic:
+        self._attach_id = attach_id
+        self._want_buffered = buffered and self._atomics.atomic and attach_id is None
+        if buffered and attach_id is None and not self._atomics.atomic:
             log.warning("libatomic.so.1 not found: ioreq server without a buffered ring")
         self.id: int | None = None
         self.stats = ServerStats()
@@ -99,34 +106,124 @@ class IoreqServer:
         self._buf_map: SharedMapping | None = None
         self._vcpu_ports: list[int] = []
         self._port_vcpu: dict[int, int] = {}
+        self._remote_ports: list[int] = []  # each vCPU's, read once from the page
+        self._buf_remote: int | None = None
         self._buf_port: int | None = None
+        self._adopted: dict[int, IoreqServer] = {}  # port -> another server we serve
+        # One request at a time per server: the loop of the server that
+        # adopted us and a takeover's scan may both look at a slot.
+        self._slot_lock = threading.Lock()
         self._claims: set[tuple[str, int, int]] = set()
         self._enabled = False
         self.closed = False
 
     # -- life cycle ------------------------------------------------------------
-    def start(self) -> None:
-        """Create, map, enable and bind; on failure everything done is undone."""
+    def start(self, bind: bool = True) -> None:
+        """Create, map, enable and (``bind``) bind; on failure everything done
+        is undone. In attach mode: map and bind."""
         vcpus = self._nr_vcpus if self._nr_vcpus is not None else self._xen.nr_vcpus(self.domid)
         if not 1 <= vcpus <= abi.MAX_VCPUS_PER_PAGE:
             raise XenError(f"domain {self.domid} has {vcpus} vCPUs; one ioreq page holds "
                            f"{abi.MAX_VCPUS_PER_PAGE}")
-        mode = abi.BufioreqMode.ATOMIC if self._want_buffered else abi.BufioreqMode.OFF
-        self.id = self._xen.create_ioreq_server(self.domid, mode)
+        if self._attach_id is not None:
+            self.id = self._attach_id
+        else:
+            mode = abi.BufioreqMode.ATOMIC if self._want_buffered else abi.BufioreqMode.OFF
+            self.id = self._xen.create_ioreq_server(self.domid, mode)
         try:
-            buf_remote = self._map_pages()
-            self._xen.set_ioreq_server_state(self.domid, self.id, True)
-            self._enabled = True
-            self._bind_ports(vcpus, buf_remote)
+            self._buf_remote = self._map_pages()
+            page = self._page()
+            # Read once, at set-up: later values in the page are not trusted.
+            self._remote_ports = [
+                struct.unpack_from("<I", page, vcpu * abi.IOREQ_SIZE
+                                   + abi.IOREQ_VP_EPORT_OFFSET)[0] for vcpu in range(vcpus)]
+            if self._attach_id is None:
+                self._xen.set_ioreq_server_state(self.domid, self.id, True)
+                self._enabled = True
+            if bind:
+                self.bind_ports()
         except BaseException:
             self.close()
             raise
-        log.info("ioreq server %d for domain %d: %d vCPUs, buffered ring %s%s", self.id,
-                 self.domid, vcpus, "on" if self._buf_map else "off",
+        log.info("ioreq server %d for domain %d%s: %d vCPUs, buffered ring %s%s", self.id,
+                 self.domid, " (attached)" if self._attach_id is not None else "", vcpus,
+                 "on" if self._buf_map else "off",
                  " (legacy gfn mapping: guest-writable pages)" if self.legacy_gfn_mapping else "")
-        # An event sent before our ports were bound is lost; look at every slot once.
-        for vcpu in range(vcpus):
-            self._handle_vcpu(vcpu)
+
+    @property
+    def bound(self) -> bool:
+        return bool(self._vcpu_ports)
+
+    def bind_ports(self, scan: bool = True) -> None:
+        """Bind the vCPUs' ports (and the buffered ring's), then (``scan``)
+        look at every slot once: an event sent while nobody had them bound
+        is lost. Fails (XenCallError) while someone else has them bound;
+        nothing stays bound then."""
+        if self.bound or self.closed:
+            return
+        try:
+            for vcpu, remote in enumerate(self._remote_ports):
+                local = self._xen.bind_interdomain(self.domid, remote)
+                self._vcpu_ports.append(local)
+                self._port_vcpu[local] = vcpu
+            if self._buf_map is not None and self._buf_remote is not None:
+                self._buf_port = self._xen.bind_interdomain(self.domid, self._buf_remote)
+        except BaseException:
+            self.unbind_ports()
+            raise
+        if scan:
+            self.scan()
+
+    def scan(self) -> int:
+        """Serve every slot that holds a request, whether or not its event came."""
+        return sum(self._handle_vcpu(vcpu) for vcpu in range(len(self._remote_ports)))
+
+    def unbind_ports(self) -> None:
+        """Let go of the ports (someone else is to serve this server)."""
+        ports = [*self._vcpu_ports, *([self._buf_port] if self._buf_port else [])]
+        self._vcpu_ports, self._port_vcpu, self._buf_port = [], {}, None
+        for port in ports:
+            self._teardown_step("unbind", functools.partial(self._xen.unbind, port))
+
+    def adopt(self, other: IoreqServer) -> None:
+        """Serve ``other``'s ports from this server's loop (one event channel
+        handle per process: its events arrive here)."""
+        for port in other.ports:
+            self._adopted[port] = other
+
+    def disown(self, other: IoreqServer) -> None:
+        for port in [p for p, s in self._adopted.items() if s is other]:
+            del self._adopted[port]
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (*self._vcpu_ports, *([self._buf_port] if self._buf_port else []))
+
+    def answer_abandoned(self) -> int:
+        """Complete, as unanswered accesses, requests another server took
+        (IOREQ_INPROCESS) and never answered: it died. Call with our ports
+        bound; returns how many there were."""
+        if self._ioreq_page is None or not self.bound:
+            return 0
+        done = 0
+        with self._slot_lock:
+            for vcpu in range(len(self._remote_ports)):
+                slot = abi.ioreq_slot(self._ioreq_page, vcpu)
+                bits = slot[abi.IOREQ_STATE_OFFSET]
+                if abi.state_of(bits) != IoreqState.IOREQ_INPROCESS:
+                    continue
+                self._atomics.fence()
+                value = self._unanswered(abi.unpack_ioreq(bytes(slot)))
+                if value is not None:
+                    _U64.pack_into(slot, abi.IOREQ_DATA_OFFSET, value)
+                self._atomics.fence()
+                slot[abi.IOREQ_STATE_OFFSET] = abi.with_state(bits, IoreqState.IORESP_READY)
+                self._xen.notify(self._vcpu_ports[vcpu])
+                done += 1
+        if done:
+            log.warning("ioreq server %d: %d requests its server left unanswered completed "
+                        "as all-ones", self.id, done)
+        return done
 
     def _map_pages(self) -> int | None:
         """Map the ioreq page (and ring); return the buffered ring's remote port."""
@@ -169,18 +266,6 @@ class IoreqServer:
                 self._buf_map = mapping
         return port
 
-    def _bind_ports(self, vcpus: int, buf_remote: int | None) -> None:
-        page = self._page()
-        for vcpu in range(vcpus):
-            # Read once, at set-up: later values in the page are not trusted.
-            remote = struct.unpack_from("<I", page, vcpu * abi.IOREQ_SIZE
-                                        + abi.IOREQ_VP_EPORT_OFFSET)[0]
-            local = self._xen.bind_interdomain(self.domid, remote)
-            self._vcpu_ports.append(local)
-            self._port_vcpu[local] = vcpu
-        if self._buf_map is not None and buf_remote is not None:
-            self._buf_port = self._xen.bind_interdomain(self.domid, buf_remote)
-
     def _page(self) -> memoryview:
         if self._ioreq_page is None:
             raise XenError("ioreq server is not started")
@@ -195,14 +280,14 @@ class IoreqServer:
         if sid is not None and self._enabled:
             self._teardown_step("disable", lambda: self._xen.set_ioreq_server_state(
                 self.domid, sid, False))
-        for port in [*self._vcpu_ports, *([self._buf_port] if self._buf_port else [])]:
-            self._teardown_step("unbind", functools.partial(self._xen.unbind, port))
+        self.unbind_ports()
+        self._adopted.clear()
         self._ioreq_page = None
         self._buf_map = None
         for mapping in self._mappings:
             mapping.close()
         self._mappings.clear()
-        if sid is not None:
+        if sid is not None and self._attach_id is None:
             self._teardown_step("destroy",
                                 lambda: self._xen.destroy_ioreq_server(self.domid, sid))
         self._claims.clear()
@@ -283,9 +368,18 @@ class IoreqServer:
                 done += self.poll_buffered()
             elif port in self._port_vcpu:
                 done += self._handle_vcpu(self._port_vcpu[port])
+            elif port in self._adopted:
+                done += self._adopted[port].handle_port(port)
             else:
                 log.debug("event on unknown port %d", port)
         return done
+
+    def handle_port(self, port: int) -> int:
+        """One event on one of our ports (when another server's loop took it)."""
+        if port == self._buf_port:
+            return self.poll_buffered()
+        vcpu = self._port_vcpu.get(port)
+        return self._handle_vcpu(vcpu) if vcpu is not None else 0
 
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set, the server is closed or the domain dies."""
@@ -325,7 +419,11 @@ class IoreqServer:
 
     def _handle_vcpu(self, vcpu: int) -> int:
         """Serve ``vcpu``'s slot if it holds a request; 1 if one was completed."""
-        if self._ioreq_page is None:
+        with self._slot_lock:
+            return self._handle_vcpu_locked(vcpu)
+
+    def _handle_vcpu_locked(self, vcpu: int) -> int:
+        if self._ioreq_page is None or vcpu >= len(self._vcpu_ports):
             return 0
         slot = abi.ioreq_slot(self._ioreq_page, vcpu)
         if abi.state_of(slot[abi.IOREQ_STATE_OFFSET]) != IoreqState.IOREQ_READY:
