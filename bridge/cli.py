@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.core import Bridge, BridgeDevice, parse_bdf
+from bridge.direct import offer as direct_offer
 from bridge.foreign import DmaMemory, offer
 from bridge.xen import xenstore
 from bridge.xen.abi import Sbdf
@@ -54,6 +55,7 @@ class Config:
     restrict: bool
     log_level: str
     direct_dma: bool = True
+    direct_ioreq: bool = True
 
 
 def parse_device(text: str) -> DeviceSpec:
@@ -83,6 +85,9 @@ def parse_args(argv: list[str]) -> Config:
     ap.add_argument("--no-direct-dma", dest="direct_dma", action="store_false",
                     help="do not offer device servers to map guest memory themselves "
                          "(xdev extension); they then use DMA_READ/DMA_WRITE")
+    ap.add_argument("--no-direct-ioreq", dest="direct_ioreq", action="store_false",
+                    help="do not offer device servers to serve their BARs' ioreqs "
+                         "themselves (xdev extension); the bridge then forwards every access")
     ap.add_argument("--config", metavar="FILE", help="read options from FILE")
     ap.add_argument("--log-level", default="info",
                     choices=["debug", "info", "warning", "error"])
@@ -93,7 +98,51 @@ def parse_args(argv: list[str]) -> Config:
             ap.error(f"PCI address {dev.bdf} given twice")
         seen.add(dev.sbdf)
     return Config(args.domain, tuple(args.device), args.user, args.restrict, args.log_level,
-                  args.direct_dma)
+                  args.direct_dma, args.direct_ioreq)
+
+
+class XenDirectIoreq:
+    """A device's own ioreq server (core.DirectIoreq): created and enabled
+    here, served by the device server (bridge.direct) or, while it is gone,
+    by this process through the main server's loop."""
+
+    def __init__(self, xen: XenBackend, domid: int, vcpus: int, main: IoreqServer,
+                 handler: Bridge, memory: GuestMemory) -> None:
+        self.main = main
+        self.nr_vcpus = vcpus
+        self.server = IoreqServer(xen, domid, handler, memory=memory, nr_vcpus=vcpus,
+                                  buffered=False)
+        self.server.start(bind=False)
+        assert self.server.id is not None
+        self.id: int = self.server.id
+
+    def claim_range(self, mmio: bool, start: int, end: int) -> None:
+        self.server.claim_range(mmio, start, end)
+
+    def release_range(self, mmio: bool, start: int, end: int) -> None:
+        if not self.server.closed:
+            self.server.release_range(mmio, start, end)
+
+    def hand_over(self) -> None:
+        self.main.disown(self.server)
+        self.server.unbind_ports()
+
+    def take_over(self) -> bool:
+        try:
+            self.server.bind_ports(scan=False)
+        except XenError as exc:
+            log.debug("ioreq server %d: ports still held: %s", self.id, exc)
+            return False
+        # Adopted before looking at the slots: an event that comes meanwhile
+        # is served by the main loop; the slot lock keeps it to one of us.
+        self.main.adopt(self.server)
+        self.server.answer_abandoned()
+        self.server.scan()
+        return True
+
+    def close(self) -> None:
+        self.main.disown(self.server)
+        self.server.close()
 
 
 class XenFrontend:
@@ -102,6 +151,18 @@ class XenFrontend:
     def __init__(self, irqs: Interrupts) -> None:
         self.ioreq: IoreqServer | None = None
         self.irqs = irqs
+        #: what direct_ioreq needs, set once the bridge is made; None: not offered
+        self.direct: tuple[XenBackend, int, int, Bridge, GuestMemory] | None = None
+
+    def direct_ioreq(self, sbdf: int) -> XenDirectIoreq | None:
+        if self.direct is None or self.ioreq is None or self.ioreq.closed:
+            return None
+        xen, domid, vcpus, bridge, memory = self.direct
+        try:
+            return XenDirectIoreq(xen, domid, vcpus, self.ioreq, bridge, memory)
+        except XenError as exc:
+            log.error("no ioreq server for device %s: %s", Sbdf.from_int(sbdf), exc)
+            return None
 
     def claim_range(self, mmio: bool, start: int, end: int) -> None:
         if self.ioreq is not None:
@@ -146,10 +207,13 @@ def run(cfg: Config, *, xen: XenBackend | None = None, xs_client: Any = None,
     bridge = Bridge(frontend)
     ioreq = IoreqServer(xen, domid, bridge, memory=memory, nr_vcpus=vcpus)
     frontend.ioreq = ioreq
+    if cfg.direct_ioreq:
+        frontend.direct = (xen, domid, vcpus, bridge, memory)
     dma = DmaMemory(memory)
     for spec in cfg.devices:
         bridge.add(BridgeDevice(spec.sbdf, spec.address, frontend, dma,
-                                guest_memory_offer=offer(domid) if cfg.direct_dma else None))
+                                guest_memory_offer=offer(domid) if cfg.direct_dma else None,
+                                ioreq_offer=direct_offer(domid) if cfg.direct_ioreq else None))
     watcher = xenstore.DomainWatcher(xs_client, domid, stop.set)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from xdevproto.client import Client
 from xdevproto.errors import RemoteError, VfioUserError
 from xdevproto.guestmem import GuestMemory
-from xdevproto.wire import IrqIndex, PciRegion, RegionFlags, SetIrqsFlags
+from xdevproto.wire import IoreqRange, IoreqServe, IrqIndex, PciRegion, RegionFlags, SetIrqsFlags
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,34 @@ GUEST_DMA_RANGES = tuple((i * DMA_PIECE, DMA_PIECE) for i in range((1 << 48) // 
 
 
 class Frontend(Protocol):
-    """What the core needs from the hypervisor side."""
+    """What the core needs from the hypervisor side. A front end may also
+    offer ``direct_ioreq(sbdf) -> DirectIoreq | None`` (see
+    :class:`DirectIoreq`); the core looks for it with getattr."""
 
     def claim_range(self, mmio: bool, start: int, end: int) -> None: ...
     def release_range(self, mmio: bool, start: int, end: int) -> None: ...
     def set_intx(self, sbdf: int, pin: int, level: int) -> None: ...
     def inject_msi(self, addr: int, data: int) -> None: ...
+
+
+class DirectIoreq(Protocol):
+    """A device's own ioreq server, which its device server serves itself
+    (the xdev ioreq extension, bridge.direct): the core claims the device's
+    BARs on it instead of on the front end's. While the device server is
+    gone, the core serves it (:meth:`take_over`), answering like for any
+    dead server."""
+
+    id: int
+    nr_vcpus: int
+
+    def claim_range(self, mmio: bool, start: int, end: int) -> None: ...
+    def release_range(self, mmio: bool, start: int, end: int) -> None: ...
+    def hand_over(self) -> None:
+        """Stop serving it here (the device server is about to)."""
+    def take_over(self) -> bool:
+        """Serve it here, answering what the device server left
+        unanswered; False while the device server still holds it."""
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -82,6 +104,7 @@ class Bar:
     prefetch: bool
     address: int = 0  # as the guest programmed it (type bits excluded)
     claimed: tuple[int, int] | None = None
+    direct: bool = False  # claimed on the device's own ioreq server
 
     def register(self, high: bool) -> int:
         if high:
@@ -145,13 +168,18 @@ class BridgeDevice:
     def __init__(self, sbdf: int, address: str, frontend: Frontend,
                  guest: GuestMemory | None, *,
                  dma_ranges: Sequence[tuple[int, int]] = GUEST_DMA_RANGES,
-                 guest_memory_offer: dict[str, Any] | None = None) -> None:
+                 guest_memory_offer: dict[str, Any] | None = None,
+                 ioreq_offer: dict[str, Any] | None = None) -> None:
         self.sbdf = sbdf
         self.address = address
         self.frontend = frontend
         self.guest = guest
         self.dma_ranges = tuple(dma_ranges)
         self.guest_memory_offer = guest_memory_offer
+        self.ioreq_offer = ioreq_offer
+        self.direct: DirectIoreq | None = None  # the device's own ioreq server, once made
+        self.direct_serving = False  # the device server serves it (this connection)
+        self.direct_orphaned = False  # its server is gone and we have not taken it over yet
         self.client: Client | None = None
         self.bars: dict[int, Bar] = {}
         self.command = 0
@@ -173,7 +201,8 @@ class BridgeDevice:
         """Connect, learn the device, set up DMA and interrupts, and replay
         the guest's configuration (after a reconnect)."""
         client = Client.connect(self.address, guest=self.guest,
-                                guest_memory_offer=self.guest_memory_offer)
+                                guest_memory_offer=self.guest_memory_offer,
+                                ioreq_offer=self.ioreq_offer)
         try:
             self._learn(client)
             for start, size in self.dma_ranges:
@@ -270,14 +299,36 @@ class BridgeDevice:
             if self.intx_asserted:
                 self.intx_asserted = False
                 self.frontend.set_intx(self.sbdf, self.pin - 1, 0)
+            if self.direct_serving:
+                self.direct_serving = False
+                self.direct_orphaned = True
+                if self.pin:
+                    self.frontend.set_intx(self.sbdf, self.pin - 1, 0)  # it drove the line
         try:
             client.close()
         except Exception:
             pass
+        self.retry_take_over()
         if self.on_change is not None:
             self.on_change(self)
 
+    def retry_take_over(self) -> bool:
+        """Serve the device's own ioreq server here once its dead server's
+        ports are free (the kernel frees them when the process is gone);
+        True when nothing is left to take over."""
+        with self.lock:
+            if not self.direct_orphaned or self.direct is None:
+                return True
+            if not self.direct.take_over():
+                return False
+            self.direct_orphaned = False
+            log.info("device %s: serving its ioreq server %d until the server returns",
+                     _fmt_sbdf(self.sbdf), self.direct.id)
+            return True
+
     def try_reconnect(self) -> bool:
+        if not self.retry_take_over():
+            return False  # a new session could not serve it yet either
         try:
             self.connect()
         except (OSError, VfioUserError) as exc:
@@ -287,8 +338,18 @@ class BridgeDevice:
 
     def close(self) -> None:
         with self.lock:
-            self.release_claims()
             client, self.client = self.client, None
+            if client is not None and self.direct_serving:
+                try:
+                    client.ioreq_release()
+                except (OSError, VfioUserError) as exc:
+                    log.warning("device %s: ioreq server not released: %s",
+                                _fmt_sbdf(self.sbdf), exc)
+            self.direct_serving = False
+            self.release_claims()
+            if self.direct is not None:
+                self.direct.close()
+                self.direct = None
         if client is not None:
             client.close()
         for fds in self.irq_fds.values():
@@ -410,25 +471,90 @@ class BridgeDevice:
         sizing = bar.address == (limit - bar.size) & ~(bar.size - 1)
         return bool(enabled and bar.address and not sizing and bar.address + bar.size <= limit)
 
+    def _may_go_direct(self, bar: Bar) -> bool:
+        """Whether ``bar`` may be served by the device server itself: it
+        offered to, the front end can give it an ioreq server, and the BAR
+        holds no MSI-X table or PBA (those are shadowed here)."""
+        client = self.client
+        if client is None or not client.direct_ioreq or self.ioreq_offer is None \
+                or getattr(self.frontend, "direct_ioreq", None) is None:
+            return False
+        m = self.msix
+        return not (m.offset and bar.index in (m.table_bar, m.pba_bar))
+
     def _update_claims(self) -> None:
+        """Claim each decoding BAR where it is served: on the device's own
+        ioreq server when its server serves it itself, else on the front
+        end's. Changed claims are released first, and the server hears of
+        its new ranges before any claim can route a request there."""
+        changes = []
         for bar in self.bars.values():
             want = (bar.address, bar.address + bar.size - 1) if self._decodes(bar) else None
-            if want == bar.claimed:
-                continue
+            direct = want is not None and self._may_go_direct(bar)
+            if (want, direct) != (bar.claimed, bar.direct):
+                changes.append((bar, want, direct))
+        for bar, _, _ in changes:
             if bar.claimed is not None:
-                self.frontend.release_range(not bar.io, *bar.claimed)
-            bar.claimed = None
+                self._claimer(bar.direct).release_range(not bar.io, *bar.claimed)
+            bar.claimed, bar.direct = None, False
+        table = [b for b in self.bars.values() if b.direct]
+        table += [bar for bar, want, direct in changes if direct]
+        wanted = (table and not self.direct_serving) or (self.direct_serving and changes)
+        if wanted and not self._serve_direct(table):
+            changes = [(bar, want, False) for bar, want, _ in changes]
+        for bar, want, direct in changes:
             if want is not None:
-                self.frontend.claim_range(not bar.io, *want)
-                bar.claimed = want
+                self._claimer(direct).claim_range(not bar.io, *want)
+                bar.claimed, bar.direct = want, direct
         if self.on_change is not None:
             self.on_change(self)
+
+    def _claimer(self, direct: bool) -> Frontend | DirectIoreq:
+        if direct:
+            assert self.direct is not None
+            return self.direct
+        return self.frontend
+
+    def _serve_direct(self, bars: list[Bar]) -> bool:
+        """Tell the device server which BARs it serves itself, where; False
+        (nothing is served there) if it cannot."""
+        client = self.client
+        if client is None:
+            return False
+        if self.direct is None:
+            make = getattr(self.frontend, "direct_ioreq", None)
+            self.direct = make(self.sbdf) if make is not None else None
+            if self.direct is None:
+                return False
+        request = IoreqServe(self.direct.id, self.sbdf, self.direct.nr_vcpus,
+                             tuple(IoreqRange(b.address, b.size, b.index, not b.io)
+                                   for b in bars))
+        if not self.direct_serving:
+            # The server drives INTx from now on: our level goes.
+            if self.intx_asserted:
+                self.intx_asserted = False
+                self.frontend.set_intx(self.sbdf, self.pin - 1, 0)
+            self.direct.hand_over()
+        try:
+            client.ioreq_serve(request)
+        except (OSError, VfioUserError) as exc:
+            # A refusal too: the claims already made there would go unanswered.
+            log.error("device %s: the server cannot serve its ioreq server: %s",
+                      _fmt_sbdf(self.sbdf), exc)
+            self.direct_serving = True  # so that _died takes it over
+            self._died(exc)
+            return False
+        if not self.direct_serving:
+            log.info("device %s: its server serves BAR accesses itself (ioreq server %d)",
+                     _fmt_sbdf(self.sbdf), self.direct.id)
+        self.direct_serving = True
+        return True
 
     def release_claims(self) -> None:
         for bar in self.bars.values():
             if bar.claimed is not None:
-                self.frontend.release_range(not bar.io, *bar.claimed)
-                bar.claimed = None
+                self._claimer(bar.direct).release_range(not bar.io, *bar.claimed)
+                bar.claimed, bar.direct = None, False
 
     def bar_at(self, mmio: bool, addr: int, size: int) -> tuple[Bar, int] | None:
         for bar in self.bars.values():

@@ -110,6 +110,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                              "do DMA directly instead of by DMA_READ/DMA_WRITE messages "
                              "(native engine; needs the right to map the guest, e.g. root "
                              "in dom0)")
+    parser.add_argument("--xen-ioreq", action="store_true",
+                        help="when xdev-bridge offers it, serve the guest's accesses to this "
+                             "device's BARs here, from an ioreq server the bridge made for "
+                             "it, instead of through the bridge (native engine; needs the "
+                             "right to serve the guest's ioreqs, e.g. root in the bridge's "
+                             "domain)")
 
 
 def _engine(name: str) -> str:
@@ -170,10 +176,11 @@ def listener_from(socket_path: str | None, fd: int | None) -> socket.socket:
 def run_server(device: Device, listener: socket.socket, *, name: str,
                allowed_uids: list[int] | None = None,
                cleanup: Callable[[], None] | None = None, engine: str = "native",
-               xen_foreign_dma: bool = False) -> int:
+               xen_foreign_dma: bool = False, xen_ioreq: bool = False) -> int:
     """Serve until SIGTERM/SIGINT on ``engine`` (one of :data:`ENGINES`); then
     clean up and say so to systemd. ``xen_foreign_dma``: accept the bridge's
-    offer of Xen guest memory (the xdev VERSION extension, bridge.foreign)."""
+    offer of Xen guest memory (the xdev VERSION extension, bridge.foreign).
+    ``xen_ioreq``: accept its offer of the device's ioreqs (bridge.direct)."""
     server: Server | LvuServer
 
     def refuse(why: str) -> NoReturn:
@@ -185,9 +192,9 @@ def run_server(device: Device, listener: socket.socket, *, name: str,
     if engine == "libvfio-user":
         if listener.family != socket.AF_UNIX:
             refuse("--engine libvfio-user serves UNIX sockets only")
-        if xen_foreign_dma:
-            refuse("--xen-foreign-dma needs the native engine (libvfio-user answers "
-                   "VERSION itself)")
+        if xen_foreign_dma or xen_ioreq:
+            flag = "--xen-foreign-dma" if xen_foreign_dma else "--xen-ioreq"
+            refuse(f"{flag} needs the native engine (libvfio-user answers VERSION itself)")
         from .lvu.engine import LvuServer
         server = LvuServer(device, allowed_uids=allowed_uids)
     else:
@@ -197,7 +204,12 @@ def run_server(device: Device, listener: socket.socket, *, name: str,
             # only when asked for, so servers elsewhere never load them.
             from bridge.foreign import GUEST_MAPPERS
             mappers = GUEST_MAPPERS
-        server = Server(device, allowed_uids=allowed_uids, guest_mappers=mappers)
+        attachers = None
+        if xen_ioreq:
+            from bridge.direct import IOREQ_ATTACHERS
+            attachers = IOREQ_ATTACHERS
+        server = Server(device, allowed_uids=allowed_uids, guest_mappers=mappers,
+                        ioreq_attachers=attachers)
     def on_state(state: str) -> None:
         notify(f"STATUS={name}: {state}")
 

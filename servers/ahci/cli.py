@@ -61,6 +61,7 @@ class Config:
     log_level: str
     engine: str = "native"
     xen_foreign_dma: bool = False
+    xen_ioreq: bool = False
 
 
 def split_options(text: str) -> dict[str, str]:
@@ -163,7 +164,7 @@ def parse(argv: list[str]) -> Config:
         p.error(f"--ports {ports}: need 1-{MAX_PORTS} ports and one per drive ({len(drives)})")
     return Config(args.socket, args.fd, drives, ports,
                   tuple(args.allow_uid) if args.allow_uid else None, args.log_level, args.engine,
-                  args.xen_foreign_dma)
+                  args.xen_foreign_dma, args.xen_ioreq)
 
 
 def open_drive(spec: DriveSpec) -> AtaDisk | AtapiCdrom:
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_server(device, listener, name=NAME,
                       allowed_uids=list(config.allow_uid) if config.allow_uid else None,
                       cleanup=device.close, engine=config.engine,
-                      xen_foreign_dma=config.xen_foreign_dma)
+                      xen_foreign_dma=config.xen_foreign_dma, xen_ioreq=config.xen_ioreq)
 
 
 if __name__ == "__main__":

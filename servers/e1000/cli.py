@@ -42,6 +42,7 @@ class Config:
     log_level: str
     engine: str = "native"
     xen_foreign_dma: bool = False
+    xen_ioreq: bool = False
 
 
 def parse_mac(text: str) -> bytes:
@@ -77,7 +78,7 @@ def parse(argv: list[str]) -> Config:
         p.error(str(exc))
     return Config(args.socket, args.fd, mac, netdev, args.pcap,
                   tuple(args.allow_uid) if args.allow_uid else None, args.log_level, args.engine,
-                  args.xen_foreign_dma)
+                  args.xen_foreign_dma, args.xen_ioreq)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_server(device, listener, name=NAME,
                       allowed_uids=list(config.allow_uid) if config.allow_uid else None,
                       cleanup=device.close, engine=config.engine,
-                      xen_foreign_dma=config.xen_foreign_dma)
+                      xen_foreign_dma=config.xen_foreign_dma, xen_ioreq=config.xen_ioreq)
 
 
 if __name__ == "__main__":

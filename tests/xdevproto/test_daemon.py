@@ -107,6 +107,7 @@ def test_journal_priority_prefixes() -> None:
 
 def test_xen_foreign_dma_reaches_the_server_as_the_bridges_mapper(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bridge.direct import IOREQ_ATTACHERS
     from bridge.foreign import GUEST_MAPPERS, KIND
     from servers.ahci.cli import parse as parse_ahci
     from servers.e1000.cli import parse as parse_e1000
@@ -116,6 +117,9 @@ def test_xen_foreign_dma_reaches_the_server_as_the_bridges_mapper(
     assert parse_ahci(["--socket", "s", "--xen-foreign-dma"]).xen_foreign_dma
     assert not parse_ahci(["--socket", "s"]).xen_foreign_dma
     assert parse_e1000(["--socket", "s", "--netdev", "null", "--xen-foreign-dma"]).xen_foreign_dma
+    assert parse_ahci(["--socket", "s", "--xen-ioreq"]).xen_ioreq
+    assert not parse_ahci(["--socket", "s"]).xen_ioreq
+    assert parse_e1000(["--socket", "s", "--netdev", "null", "--xen-ioreq"]).xen_ioreq
 
     made: list[dict[str, object]] = []
 
@@ -134,9 +138,11 @@ def test_xen_foreign_dma_reaches_the_server_as_the_bridges_mapper(
     for flag in (True, False):
         listener = socket.socket(socket.AF_UNIX)
         listener.bind(str(tmp_path / f"l{flag}"))
-        assert daemon.run_server(TestDevice(), listener, name="t", xen_foreign_dma=flag) == 0
+        assert daemon.run_server(TestDevice(), listener, name="t", xen_foreign_dma=flag,
+                                 xen_ioreq=flag) == 0
     assert made[0]["guest_mappers"] is GUEST_MAPPERS and KIND in GUEST_MAPPERS
-    assert made[1]["guest_mappers"] is None
+    assert made[0]["ioreq_attachers"] is IOREQ_ATTACHERS and "xen" in IOREQ_ATTACHERS
+    assert made[1]["guest_mappers"] is None and made[1]["ioreq_attachers"] is None
 
     closed: list[bool] = []
     listener = socket.socket(socket.AF_UNIX)
@@ -145,3 +151,8 @@ def test_xen_foreign_dma_reaches_the_server_as_the_bridges_mapper(
         daemon.run_server(TestDevice(), listener, name="t", engine="libvfio-user",
                           xen_foreign_dma=True, cleanup=lambda: closed.append(True))
     assert closed == [True] and listener.fileno() == -1
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "lvu2"))
+    with pytest.raises(SystemExit, match="--xen-ioreq needs the native engine"):
+        daemon.run_server(TestDevice(), listener, name="t", engine="libvfio-user",
+                          xen_ioreq=True)
