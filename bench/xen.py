@@ -1,6 +1,7 @@
 """xdev devices beside QEMU's in one Xen HVM guest: MMIO round trips and disk I/O.
 
     python bench/xen.py [--json OUT] [--seconds S] [--rounds N] [--size-mb N] [--foreign-dma]
+                        [--direct-ioreq]
 
 Xen tier: boots the emulated Xen host (``bridge.emuhost``; docs/emuhost.md)
 and one HVM guest with two AHCI controllers:
@@ -10,7 +11,9 @@ and one HVM guest with two AHCI controllers:
   the bridge as DMA_READ/DMA_WRITE messages, as in xdev's default set-up,
   unless ``--foreign-dma`` lets it map the guest's memory itself
   (``--xen-foreign-dma``, the bridge's xdev extension; faster, and not yet
-  safe for data, see docs/xdev-demo.md);
+  safe for data, see docs/xdev-demo.md); its register accesses go through
+  the bridge too, unless ``--direct-ioreq`` has it serve its BAR's ioreqs
+  itself (``--xen-ioreq``, bridge.direct);
 * QEMU's own (``hdtype="ahci"``), the guest's default device model, with a
   raw image of the same size and contents in the same dom0 directory.
 
@@ -212,7 +215,7 @@ def per_round(raw: dict[str, list[tuple[float, float]]]) -> dict[str, list[float
 
 
 def run_bench(seconds: float, rounds: int, size_mb: int, timeout: float,
-              foreign_dma: bool = False) -> tuple[dict, RunResult]:
+              foreign_dma: bool = False, direct_ioreq: bool = False) -> tuple[dict, RunResult]:
     host = EmuHost()
     image = host.ensure_image()
     with tempfile.TemporaryDirectory(prefix="xdev-xbench-") as tmp:
@@ -232,7 +235,9 @@ def run_bench(seconds: float, rounds: int, size_mb: int, timeout: float,
         result = host.run(DOM0_SCRIPT, guests=[guest], timeout=timeout,
                           env={"XB_SIZE_MB": str(size_mb), "XB_GUEST": GUEST,
                                "XB_GUEST_TIMEOUT": str(guest_timeout),
-                               "XB_SERVER_OPTS": "--xen-foreign-dma" if foreign_dma else ""})
+                               "XB_SERVER_OPTS": " ".join(
+                                   (["--xen-foreign-dma"] if foreign_dma else [])
+                                   + (["--xen-ioreq"] if direct_ioreq else []))})
         elapsed = time.monotonic() - started
     serial = result.guest_serial(GUEST)
     report: dict = {
@@ -240,6 +245,8 @@ def run_bench(seconds: float, rounds: int, size_mb: int, timeout: float,
         "seconds_per_figure_per_round": seconds, "rounds": rounds, "disk_mb": size_mb,
         # xdev-ahci maps the guest itself (bridge's xdev extension) or goes by messages
         "xdev_dma": "xen-foreign" if foreign_dma else "messages",
+        # xdev-ahci serves its BAR's ioreqs itself, or they go through the bridge
+        "xdev_ioreqs": "server" if direct_ioreq else "bridge",
         **figures(parse_results(serial)),
         # Each round's figures, so that a stall in one round (seen on both
         # sides under TCG) can be told from a steady difference.
@@ -271,12 +278,16 @@ def main() -> int:
     ap.add_argument("--foreign-dma", action="store_true",
                     help="xdev-ahci with --xen-foreign-dma: it maps the guest's memory "
                          "itself instead of DMA_READ/DMA_WRITE through the bridge")
+    ap.add_argument("--direct-ioreq", action="store_true",
+                    help="xdev-ahci with --xen-ioreq: it serves its BAR's ioreqs itself "
+                         "instead of through the bridge")
     args = ap.parse_args()
     if args.seconds <= 0 or args.rounds < 1 or args.size_mb < 2:
         ap.error("--seconds > 0, --rounds >= 1 and --size-mb >= 2 please")
     try:
         report, result = run_bench(args.seconds, args.rounds, args.size_mb, args.timeout,
-                                   foreign_dma=args.foreign_dma)
+                                   foreign_dma=args.foreign_dma,
+                                   direct_ioreq=args.direct_ioreq)
     except BenchError as exc:
         print(f"bench/xen.py: {exc}", file=sys.stderr)
         return 2

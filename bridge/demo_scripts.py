@@ -257,6 +257,7 @@ echo {MARKER}
 #: dom0 side of one demo run: image, network peers, bridge.serve, checks.
 #: Needs XDEV_LAUNCHER (process|systemd) and XDEV_GUEST; writes results.txt.
 #: XDEV_FOREIGN_DMA=true: the servers map the guest themselves ("process").
+#: XDEV_DIRECT_IOREQ=true: the servers serve their BARs' ioreqs themselves.
 DOM0_SCRIPT = rf"""
 export PYTHONPYCACHEPREFIX=/var/cache/xdev-pycache PYTHONFAULTHANDLER=1
 R="$XDEV_RUN"
@@ -316,6 +317,7 @@ host_address = "{DOM0_IP}/24"
 launcher = "$XDEV_LAUNCHER"
 log_dir = "$R/logs"
 foreign_dma = ${{XDEV_FOREIGN_DMA:-false}}
+direct_ioreq = ${{XDEV_DIRECT_IOREQ:-false}}
 EOF
 if [ -n "$XDEV_LVU_STAGE" ]; then
     # libvfio-user copied from the host (tests/e2e/xen/lvu_stage.py): off the

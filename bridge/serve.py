@@ -63,6 +63,8 @@ class Plan:
     #: "process" servers map the guest themselves (--xen-foreign-dma); off
     #: by default, see docs/xdev-demo.md
     foreign_dma: bool = False
+    #: "process" servers serve their BARs' ioreqs themselves (--xen-ioreq)
+    direct_ioreq: bool = False
     disk: str | None = None
     cdrom: str | None = None
     ahci_bdf: str = "00:05.0"
@@ -97,7 +99,7 @@ def load_plan(path: Path) -> Plan:
              "disk": {"image", "cdrom", "bdf", "engine", "log_level"},
              "nic": {"tap", "mac", "host_address", "bdf", "engine", "log_level"},
              "run": {"instance", "launcher", "engine", "log_dir", "python", "foreign_dma",
-                     "log_level"}}
+                     "direct_ioreq", "log_level"}}
     for section, values in data.items():
         if section not in known or not isinstance(values, dict):
             raise ServeError(f"{path}: unknown section [{section}]")
@@ -122,6 +124,7 @@ def load_plan(path: Path) -> Plan:
                  for kind, section in (("ahci", disk), ("e1000", nic))},
         log_dir=Path(run.get("log_dir", "/run/xdev/logs")),
         foreign_dma=run.get("foreign_dma", False),
+        direct_ioreq=run.get("direct_ioreq", False),
         python=run.get("python", sys.executable),
         log_levels={kind: section.get("log_level", run.get("log_level", "info"))
                     for kind, section in (("ahci", disk), ("e1000", nic), ("bridge", run))},
@@ -133,6 +136,11 @@ def load_plan(path: Path) -> Plan:
     if plan.foreign_dma and plan.launcher != "process":
         raise ServeError(f"{path}: foreign_dma needs launcher = \"process\" (the units' "
                          "sandbox may not map the guest)")
+    if not isinstance(plan.direct_ioreq, bool):
+        raise ServeError(f"{path}: direct_ioreq must be true or false")
+    if plan.direct_ioreq and plan.launcher != "process":
+        raise ServeError(f"{path}: direct_ioreq needs launcher = \"process\" (the units' "
+                         "sandbox may not serve the guest's ioreqs)")
     for level in plan.log_levels.values():
         if level not in LOG_LEVELS:
             raise ServeError(f"{path}: log_level must be one of {', '.join(LOG_LEVELS)}")
@@ -199,6 +207,9 @@ def server_argv(plan: Plan, kind: str) -> list[str]:
         # bridge. Asked for only: runs with it have still corrupted a file
         # block now and then under the emulated host (docs/xdev-demo.md).
         engine.append("--xen-foreign-dma")
+    if chosen == "native" and plan.direct_ioreq:
+        # The guest's BAR accesses straight from Xen, not through the bridge.
+        engine.append("--xen-ioreq")
     if kind == "ahci":
         argv = [] if plan.disk is None else ["--disk", f"file={plan.disk}"]
         if plan.cdrom:

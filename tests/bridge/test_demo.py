@@ -55,6 +55,12 @@ def test_foreign_dma_only_when_asked(tmp_path: Path) -> None:
     assert "--xen-foreign-dma" not in serve.server_argv(plan, "ahci")
 
 
+def test_direct_ioreq_only_when_asked(tmp_path: Path) -> None:
+    plan = serve.load_plan(_write(tmp_path, DISK_ON_LVU + "[run]\ndirect_ioreq = true\n"))
+    assert serve.server_argv(plan, "e1000")[-1] == "--xen-ioreq"
+    assert "--xen-ioreq" not in serve.server_argv(plan, "ahci")  # libvfio-user's engine
+
+
 def test_log_level_for_every_daemon_or_one(tmp_path: Path) -> None:
     base = '[guest]\nxl_config = "CFG"\n[nic]\ntap = "t0"\n[disk]\nimage = "/a"\n'
     plan = serve.load_plan(_write(tmp_path, base + 'log_level = "debug"\n'
@@ -89,6 +95,10 @@ engine = "libvfio-user"
      "true or false"),
     ('[guest]\nxl_config = "CFG"\n[disk]\nimage = "/var/lib/xdev/images/a.img"\n[run]\n'
      'foreign_dma = true\nlauncher = "systemd"\n', "needs launcher"),
+    ('[guest]\nxl_config = "CFG"\n[disk]\nimage = "/a"\n[run]\ndirect_ioreq = 1\n',
+     "true or false"),
+    ('[guest]\nxl_config = "CFG"\n[disk]\nimage = "/var/lib/xdev/images/a.img"\n[run]\n'
+     'direct_ioreq = true\nlauncher = "systemd"\n', "needs launcher"),
     ('[guest]\nxl_config = "CFG"\n[disk]\nimage = "/a"\nimgae = "/b"\n', "unknown key"),
     ('[guest]\nxl_config = "CFG"\n[disks]\nimage = "/a"\n', "unknown section"),
     ('[guest]\nxl_config = "CFG"\n', "nothing to serve"),

@@ -13,6 +13,7 @@ each way over TCP. dom0 then checks the image.
 * with ``pci=nomsi`` (INTx), the daemons as plain processes;
 * with the daemons mapping the guest themselves (``foreign_dma``), which
   must hear of every INVALIDATE;
+* with the daemons serving their own BARs' ioreqs (``direct_ioreq``), INTx;
 * with xdev-ahci on the libvfio-user engine (where the host has it);
 * SeaBIOS boots from a boot sector on the xdev disk (no kernel given).
 
@@ -123,6 +124,21 @@ def test_servers_that_map_the_guest_hear_of_its_memory_map_changes(
         # Each server was connected before the guest ran, so it heard of
         # every INVALIDATE the bridge logged (both log the first twenty).
         assert dropped[:20] == seen[:20], (name, dropped, seen)
+
+
+def test_servers_that_serve_their_own_ioreqs(emuhost_session: HostSession) -> None:
+    """``direct_ioreq = true`` with INTx (``pci=nomsi``): both servers
+    serve their BARs' ioreqs from the ioreq servers the bridge made for
+    them, and drive INTx themselves, which the bridge, seeing no BAR
+    access, could not end (bridge.direct). The guest's checks are the same."""
+    result = _run(emuhost_session, "process", nomsi=True, env={"XDEV_DIRECT_IOREQ": "true"})
+    _check(result, "intx")
+    bridge_log = result.file("logs/bridge.log")
+    for name, bdf in (("ahci", "00:05.0"), ("e1000", "00:06.0")):
+        log = result.file(f"logs/{name}.log")
+        assert "serving ioreq server" in log, log[-3000:]
+        assert f"device 0000:{bdf}: its server serves BAR accesses itself" in bridge_log, \
+            bridge_log[-3000:]
 
 
 def test_ahci_on_the_libvfio_user_engine(emuhost_session: HostSession,
