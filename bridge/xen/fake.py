@@ -140,11 +140,7 @@ class FakeXen:
         if len(self.servers) >= 7:  # MAX_NR_IOREQ_SERVERS minus the default server
             raise XenCallError("fake", errno.ENOSPC)
         sid = len(self.servers) + 1
-        srv = FakeServer(handle_bufioreq, buf_remote_port=90 + sid)
-        for vcpu in range(self.vcpus):
-            raw = abi.RawIoreq(0, 0, 0, 0, self.vp_eport(vcpu, sid), 0, 0, 0, 0, 0, 0, 0)
-            abi.ioreq_slot(srv.ioreq_page, vcpu)[:] = abi.pack_ioreq(raw)
-        self.servers[sid] = srv
+        self.servers[sid] = FakeServer(handle_bufioreq, buf_remote_port=90 + sid)
         self.calls.append(("create", sid, handle_bufioreq))
         return sid
 
@@ -159,7 +155,14 @@ class FakeXen:
         return FAKE_IOREQ_GFN, FAKE_BUFIOREQ_GFN if want_buffered else None, port
 
     def set_ioreq_server_state(self, domid: int, server: int, enabled: bool) -> None:
-        self._server(domid, server).enabled = enabled
+        srv = self._server(domid, server)
+        srv.enabled = enabled
+        if enabled:
+            # Xen fills in each vCPU's port when it enables the server
+            # (hvm_update_ioreq_evtchn); before that the page holds zeros.
+            for vcpu in range(self.vcpus):
+                raw = abi.RawIoreq(0, 0, 0, 0, self.vp_eport(vcpu, server), 0, 0, 0, 0, 0, 0, 0)
+                abi.ioreq_slot(srv.ioreq_page, vcpu)[:] = abi.pack_ioreq(raw)
         self.calls.append(("set_state", server, enabled))
 
     def destroy_ioreq_server(self, domid: int, server: int) -> None:

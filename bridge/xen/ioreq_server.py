@@ -132,14 +132,18 @@ class IoreqServer:
             self.id = self._xen.create_ioreq_server(self.domid, mode)
         try:
             self._buf_remote = self._map_pages()
-            page = self._page()
-            # Read once, at set-up: later values in the page are not trusted.
-            self._remote_ports = [
-                struct.unpack_from("<I", page, vcpu * abi.IOREQ_SIZE
-                                   + abi.IOREQ_VP_EPORT_OFFSET)[0] for vcpu in range(vcpus)]
             if self._attach_id is None:
                 self._xen.set_ioreq_server_state(self.domid, self.id, True)
                 self._enabled = True
+            # Xen writes each vCPU's port into the page when the server is
+            # enabled. Read once, at set-up: later values are not trusted.
+            page = self._page()
+            self._remote_ports = [
+                struct.unpack_from("<I", page, vcpu * abi.IOREQ_SIZE
+                                   + abi.IOREQ_VP_EPORT_OFFSET)[0] for vcpu in range(vcpus)]
+            if 0 in self._remote_ports:  # port 0 is never allocated
+                raise XenError(f"ioreq server {self.id} of domain {self.domid} has no event "
+                               f"channel for vCPU {self._remote_ports.index(0)}: not enabled?")
             if bind:
                 self.bind_ports()
         except BaseException:

@@ -227,6 +227,16 @@ def test_serve_requests_are_checked(tmp_path: Path) -> None:
             with Client.connect(str(path), ioreq_offer={"kind": "xen", "domid": 7}) as c:
                 assert c.direct_ioreq == ("xen" if attachers else None)
                 sid = xen.create_ioreq_server(7, 0)
+                if attachers:
+                    # Not enabled yet: Xen has not given it event channels.
+                    early = IoreqServe(sid, SBDF, 1, (IoreqRange(BAR, 0x1000, 0, True),))
+                    try:
+                        c.ioreq_serve(early)
+                    except RemoteError as exc:
+                        assert exc.errno == 5  # EIO
+                    else:
+                        raise AssertionError("served an ioreq server Xen had not enabled")
+                xen.set_ioreq_server_state(7, sid, True)
                 bad = IoreqServe(sid, SBDF, 1, (IoreqRange(BAR, 0x1000, 4, True),))
                 try:
                     c.ioreq_serve(bad)
