@@ -111,6 +111,34 @@ def test_invalid_request_completes_as_all_ones_without_calling_handler(
     assert server.stats.invalid == 1
 
 
+@pytest.mark.parametrize("addr, size, df, ptr, ok", [
+    ((1 << 64) - 8, 8, 0, 0, True),     # the last quadword: a plain access
+    ((1 << 64) - 4, 8, 0, 0, False),    # wraps the address space
+    ((1 << 64) - 8, 8, 1, 0, True),     # df means nothing for one element
+    (0x1000, 16, 0, 0, False),          # no 16-byte MMIO
+    (0x1000, 4, 0, 1, True),            # one element through guest memory
+])
+def test_single_mmio_accesses_are_checked_like_validate(
+        xen: FakeXen, server: IoreqServer, handler: RecordingHandler, memory: GuestMemory,
+        addr: int, size: int, df: int, ptr: int, ok: bool) -> None:
+    """Plain register accesses take a fast path; it must accept and refuse
+    exactly what abi.validate does."""
+    raw = abi.RawIoreq(addr, 0x2000 if ptr else 0x1122334455667788, 1, size, 0, 0,
+                       IoreqState.IOREQ_READY, ptr, R, df, 0, IoreqType.COPY)
+    try:
+        abi.validate(raw)
+        valid = True
+    except abi.InvalidIoreq:
+        valid = False
+    assert valid is ok
+    xen.write_slot(sid(server), 0, raw)
+    assert server.handle_events() == 1
+    assert (server.stats.invalid == 0) is ok
+    assert bool(handler.calls) is ok
+    if ok:
+        assert handler.calls[0][:3] == ("mmio_read", addr, size)
+
+
 def test_garbage_size_read_returns_64_bit_all_ones(xen: FakeXen, server: IoreqServer) -> None:
     raw = abi.RawIoreq(0x1000, 0, 1, 3, 0, 0, IoreqState.IOREQ_READY, 0, R, 0, 0, IoreqType.COPY)
     xen.write_slot(sid(server), 0, raw)
