@@ -120,8 +120,13 @@ class XenDirectIoreq:
         self.server.claim_range(mmio, start, end)
 
     def release_range(self, mmio: bool, start: int, end: int) -> None:
-        if not self.server.closed:
+        if self.server.closed:
+            return
+        try:
             self.server.release_range(mmio, start, end)
+        except XenError as exc:
+            # The guest died: Xen destroyed its ioreq servers, claims and all.
+            log.info("ioreq server %d: range not released: %s", self.id, exc)
 
     def hand_over(self) -> None:
         self.main.disown(self.server)

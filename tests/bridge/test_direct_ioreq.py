@@ -53,11 +53,13 @@ def direct_rig(tmp_path: Path, device: Device, *, serve_direct: bool = True,
     stop = threading.Event()
     cfg = Config("guest", (DeviceSpec(SBDF, "00:05.0", str(tmp_path / "dev.sock")),), None,
                  False, "info", direct_ioreq=offer)
-    bthread = threading.Thread(target=run, args=(cfg,), kwargs={"xen": xen, "xs_client": xs,
-                                                                "stop": stop}, daemon=True)
+    result: list[int] = []
+    bthread = threading.Thread(target=lambda: result.append(run(cfg, xen=xen, xs_client=xs,
+                                                                stop=stop)), daemon=True)
     bthread.start()
     try:
         wait_for(lambda: xs.data.get(b"/local/domain/0/xdev/7/state") == b"running")
+        direct_rig.last = (xs, result)  # type: ignore[attr-defined]
         yield xen, handles, server, bthread
     finally:
         stop.set()
@@ -201,6 +203,22 @@ def test_bridge_exit_releases_and_destroys_the_device_server(tmp_path: Path) -> 
     assert not bthread.is_alive()
     assert xen.servers == {}  # both ioreq servers destroyed
     assert not [p for p, owner in xen.owner.items() if owner is handles[0]]
+
+
+def test_the_guest_dies_with_its_bars_served_directly(tmp_path: Path) -> None:
+    """Xen destroys the guest's ioreq servers with it: the bridge's clean-up
+    of the device's claims meets ENOENT/ESRCH and must still exit cleanly."""
+    with direct_rig(tmp_path, TestDevice()) as (xen, handles, server, bthread):
+        config(xen, 0x10, 4, BAR)
+        config(xen, 0x04, 2, 0x0002)
+        assert len(xen.servers) == 2
+        xs, result = direct_rig.last  # type: ignore[attr-defined]
+        xen.kill_domain()
+        xs.alive = False
+        for m in xs.monitors:
+            m.events.put((b"@releaseDomain", b"xdev"))
+        bthread.join(10)
+        assert not bthread.is_alive() and result == [0]
 
 
 def test_serve_requests_are_checked(tmp_path: Path) -> None:
