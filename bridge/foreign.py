@@ -24,7 +24,9 @@ KIND = "xen-foreign"
 #: Up to 4 GiB of the guest mapped by a server that maps it itself: all of a
 #: small guest, as QEMU's mapcache keeps it. With 64 buckets, such servers
 #: wrote a wrong file block in 4 of 9 Xen-tier runs; with this many (no
-#: unmapping after boot) 5 runs were clean. Not understood (docs/xdev-demo.md).
+#: unmapping after boot) 5 runs were clean. The emulated host corrupts dom0
+#: memory while a guest runs (docs/emuhost.md), so neither count is xdev's
+#: for certain; the larger cache stays until a sound host says otherwise.
 FOREIGN_MAX_BUCKETS = 4096
 
 

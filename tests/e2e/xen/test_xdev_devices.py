@@ -107,8 +107,8 @@ def test_servers_that_map_the_guest_hear_of_its_memory_map_changes(
     completes (XDEV_GUEST_MEMORY_INVALIDATE). Without that, runs like this
     one saw files differ after a remount and a server die of SIGSEGV. With
     it they still did now and then with 64-bucket caches (4 of 9 runs,
-    session 6), for a reason not found yet; message-DMA runs have shown
-    heap corruption too, so the emulated host is suspect (docs/xdev-demo.md)."""
+    session 6); the emulated host has since been shown to corrupt dom0
+    memory while a guest runs (bridge.emuhost.selfcheck, docs/emuhost.md)."""
     # The disk server at debug: each write's sectors, guest addresses and
     # what landed, to place any wrong block.
     result = _run(emuhost_session, "process", nomsi=False,
