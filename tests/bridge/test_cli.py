@@ -89,31 +89,36 @@ def wait_for(pred, timeout: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def bridge_rig(tmp_path: Path, mappers=None):
-    """Test device server, fake Xen and the bridge's run() in threads.
-    ``mappers(xen)``: the server's guest mappers (the xdev extension)."""
-    device = TestDevice()
-    cfg_space = device.config
-    cfg_space[0x34] = 0x40
-    cfg_space[0x3D] = 1
-    cfg_space[0x40:0x42] = bytes([0x05, 0x00])
-    struct.pack_into("<H", cfg_space, 0x42, 0x0080)
+def bridge_rig(tmp_path: Path, mappers=None, *, device=None, attachers=None, **cfg):
+    """A device server, fake Xen and the bridge's run() in threads; yields
+    (xen, xenstore, device, stop, bridge thread, run's result). Without
+    ``device``, the test device with an MSI capability. ``mappers(xen)`` /
+    ``attachers(xen)``: the server's xdev extensions; ``cfg``: Config fields."""
+    if device is None:
+        device = TestDevice()
+        cfg_space = device.config
+        cfg_space[0x34] = 0x40
+        cfg_space[0x3D] = 1
+        cfg_space[0x40:0x42] = bytes([0x05, 0x00])
+        struct.pack_into("<H", cfg_space, 0x42, 0x0080)
     xen = FakeXen(domid=7, vcpus=2)
-    server = Server(device, guest_mappers=mappers(xen) if mappers else None)
+    server = Server(device, guest_mappers=mappers(xen) if mappers else None,
+                    ioreq_attachers=attachers(xen) if attachers else None)
     listener = listen(str(tmp_path / "dev.sock"))
     sthread = threading.Thread(target=server.serve, args=(listener,), daemon=True)
     sthread.start()
     xs = FakeXenstore(7)
     stop = threading.Event()
-    cfg = Config("guest", (DeviceSpec(SBDF, BDF, str(tmp_path / "dev.sock")),), None, False,
-                 "info")
+    config = Config("guest", (DeviceSpec(SBDF, BDF, str(tmp_path / "dev.sock")),), None, False,
+                    "info", **cfg)
     result: list[int] = []
-    bthread = threading.Thread(target=lambda: result.append(run(cfg, xen=xen, xs_client=xs,
+    bthread = threading.Thread(target=lambda: result.append(run(config, xen=xen, xs_client=xs,
                                                                 stop=stop)), daemon=True)
     bthread.start()
     try:
         wait_for(lambda: any(s.enabled for s in xen.servers.values())
                  and xs.data.get(b"/local/domain/0/xdev/7/state") == b"running")
+        bridge_rig.server = server  # type: ignore[attr-defined]
         yield xen, xs, device, stop, bthread, result
     finally:
         stop.set()
