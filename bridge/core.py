@@ -296,14 +296,15 @@ class BridgeDevice:
                       _fmt_sbdf(self.sbdf), self.address, exc)
             client, self.client = self.client, None
             self.dead_since = time.monotonic()
-            if self.intx_asserted:
-                self.intx_asserted = False
-                self.frontend.set_intx(self.sbdf, self.pin - 1, 0)
+            # Our INTx level goes, and so does the one a server serving its
+            # own ioreqs drove itself.
+            lower = self.intx_asserted or (self.direct_serving and self.pin)
+            self.intx_asserted = False
             if self.direct_serving:
                 self.direct_serving = False
                 self.direct_orphaned = True
-                if self.pin:
-                    self.frontend.set_intx(self.sbdf, self.pin - 1, 0)  # it drove the line
+            if lower:
+                self.frontend.set_intx(self.sbdf, self.pin - 1, 0)
         try:
             client.close()
         except Exception:
