@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge.xen.errors import XenError
-from bridge.xen.guestmem import GuestMemory
+from bridge.xen.guestmem import DEFAULT_MAX_BUCKETS, GuestMemory
 from xdevproto.errors import DeviceError
 
 KIND = "xen-foreign"
@@ -27,7 +27,7 @@ KIND = "xen-foreign"
 #: unmapping after boot) 5 runs were clean. The emulated host corrupts dom0
 #: memory while a guest runs (docs/emuhost.md), so neither count is xdev's
 #: for certain; the larger cache stays until a sound host says otherwise.
-FOREIGN_MAX_BUCKETS = 4096
+FOREIGN_MAX_BUCKETS = DEFAULT_MAX_BUCKETS
 
 
 class DmaMemory:
