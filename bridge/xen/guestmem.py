@@ -47,7 +47,7 @@ PAGES_PER_BUCKET = BUCKET_SIZE >> PAGE_SHIFT
 # Up to 4 GiB of the guest mapped, as QEMU's mapcache keeps far more than a
 # small guest: each eviction is an unmap (a TLB flush on every dom0 CPU) and
 # a later re-map of 256 pages. On the emulated host, runs that evicted
-# (64 buckets, 2026-11) were also the ones that found guest data misplaced;
+# (64 buckets) found guest data misplaced more often than runs that did not;
 # that host is shown to corrupt dom0 memory while a guest runs
 # (docs/emuhost.md), so which is cause is open, but unmapping less costs nothing.
 DEFAULT_MAX_BUCKETS = 4096
