@@ -56,10 +56,6 @@ class RegionInfo:
         return ()
 
 
-#: bytes of DMA replies gathered into one send on the twin socket
-REPLY_BATCH = 64 << 10
-
-
 class Client:
     """One connection to a vfio-user server."""
 
@@ -219,17 +215,11 @@ class Client:
 
     def _serve(self, ev: Request | InvalidMessage, conn: Connection, tr: Transport) -> None:
         """Answer a DMA_READ/DMA_WRITE from the server."""
-        out = self._answer(ev, conn)
-        if out is not None:
-            tr.send(out)
-
-    def _answer(self, ev: Request | InvalidMessage, conn: Connection) -> bytes | None:
-        """The reply to a DMA_READ/DMA_WRITE (None for NO_REPLY)."""
         if isinstance(ev, InvalidMessage):
             log.warning("server sent a bad command %d: %s", ev.command, ev.error)
-            if ev.no_reply:
-                return None
-            return Connection.send_error(ev.msg_id, ev.command, ev.error.errno)
+            if not ev.no_reply:
+                tr.send(Connection.send_error(ev.msg_id, ev.command, ev.error.errno))
+            return
         p = ev.payload
         assert isinstance(p, wire.DmaAccess)
         try:
@@ -244,7 +234,8 @@ class Client:
                 out = conn.send_reply(ev, wire.DmaAccess(p.address, p.count))
         except VfioUserError as exc:
             out = Connection.send_error(ev.msg_id, ev.command, exc.errno)
-        return None if ev.no_reply else out
+        if not ev.no_reply:
+            tr.send(out)
 
     # -- background DMA service ---------------------------------------------------
     def start_dma_service(self) -> None:
@@ -275,26 +266,10 @@ class Client:
         conn.receive_data(data, fds)
         if not data:
             raise ConnectionClosed("twin socket closed")
-        # A server may send several requests at once (a scatter-gather
-        # list): their small replies go back together.
-        batch: list[bytes] = []
-        size = 0
         while (ev := conn.next_event()) is not NEED_DATA:
             if isinstance(ev, Reply):
                 raise PeerProtocolError("reply on the twin socket", fatal=True)
-            out = self._answer(ev, conn)
-            if out is None:
-                continue
-            if size + len(out) > REPLY_BATCH and batch:
-                tr.send(b"".join(batch))
-                batch, size = [], 0
-            if len(out) >= REPLY_BATCH:
-                tr.send(out)  # a large DMA_READ reply goes as it is
-                continue
-            batch.append(out)
-            size += len(out)
-        if batch:
-            tr.send(b"".join(batch))
+            self._serve(ev, conn, tr)
 
     def _serve_main_once(self) -> None:
         with self._lock:

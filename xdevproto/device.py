@@ -94,17 +94,6 @@ class DeviceContext(abc.ABC):
     def dma_write(self, iova: int, data: bytes | memoryview) -> None:
         """DMA_WRITE over the socket."""
 
-    def dma_read_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Several DMA_READs (each at most :attr:`max_data_xfer_size`), in
-        order; a runtime may keep them all in flight at once."""
-        return [self.dma_read(iova, length) for iova, length in ranges]
-
-    def dma_write_many(self, pieces: Sequence[tuple[int, bytes | memoryview]]) -> None:
-        """Several DMA_WRITEs, as :meth:`dma_read_many`; all are done (or
-        one raised) on return."""
-        for iova, data in pieces:
-            self.dma_write(iova, data)
-
     @property
     @abc.abstractmethod
     def max_data_xfer_size(self) -> int:

@@ -194,92 +194,6 @@ class Session(DeviceContext):
             chunk = bytes(view[pos:pos + step])
             self._call(Command.DMA_WRITE, wire.DmaAccess(iova + pos, len(chunk), chunk))
 
-    def dma_read_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """As DeviceContext: on the twin socket, up to DMA_WINDOW requests
-        in flight, so that a scatter-gather list costs about one round trip
-        rather than one per entry."""
-        direct = self.direct_memory
-        if direct is not None:
-            return [direct.read(iova, n) for iova, n in ranges]
-        step = self.max_data_xfer_size
-        if self._twin is None or len(ranges) < 2 or any(n > step for _, n in ranges):
-            return super().dma_read_many(ranges)
-        replies = self._call_many([(Command.DMA_READ, wire.DmaAccess(iova, n))
-                                   for iova, n in ranges])
-        out = []
-        for (iova, n), reply in zip(ranges, replies, strict=True):
-            p = reply.payload
-            if not isinstance(p, wire.DmaAccess) or p.address != iova or p.count != n \
-                    or len(p.data) != n:
-                raise PeerProtocolError("DMA_READ reply does not match the request")
-            out.append(p.data)
-        return out
-
-    def dma_write_many(self, pieces: Sequence[tuple[int, bytes | memoryview]]) -> None:
-        direct = self.direct_memory
-        if direct is not None:
-            for iova, data in pieces:
-                direct.write(iova, bytes(data))
-            return
-        step = self.max_data_xfer_size
-        if self._twin is None or len(pieces) < 2 or any(len(d) > step for _, d in pieces):
-            super().dma_write_many(pieces)
-            return
-        self._call_many([(Command.DMA_WRITE, wire.DmaAccess(iova, len(d), bytes(d)))
-                         for iova, d in pieces])
-
-    def _call_many(self, requests: Sequence[tuple[Command, wire.Payload]]) -> list[Reply]:
-        """Requests on the twin socket, at most DMA_WINDOW unanswered at a
-        time; the replies in request order. The first refused one raises
-        (after all were answered: none is left in flight)."""
-        if self.closed:
-            raise ConnectionClosed("client is gone")
-        assert self._twin is not None
-        tr, conn = self._twin
-        out: list[Reply | None] = [None] * len(requests)
-        try:
-            with self._twin_lock:
-                pending: dict[int, int] = {}
-                sent = 0
-                while sent < len(requests) or pending:
-                    while sent < len(requests) and len(pending) < DMA_WINDOW:
-                        command, payload = requests[sent]
-                        msg_id, data = conn.send_request(command, payload)
-                        tr.send(data)
-                        pending[msg_id] = sent
-                        sent += 1
-                    ev = conn.next_event()
-                    if ev is NEED_DATA:
-                        chunk, fds = tr.recv()
-                        conn.receive_data(chunk, fds)
-                        if not chunk:
-                            raise ConnectionClosed("twin socket closed")
-                        continue
-                    if not isinstance(ev, Reply):
-                        raise PeerProtocolError("client sent a command on the twin socket",
-                                                fatal=True)
-                    index = pending.pop(ev.msg_id, None)
-                    if index is None:
-                        raise PeerProtocolError("reply to a request not made", fatal=True)
-                    out[index] = ev
-        except PeerProtocolError as exc:
-            if exc.fatal:
-                self._hang_up()
-            raise
-        replies = [r for r in out if r is not None]
-        for (command, _), reply in zip(requests, replies, strict=True):
-            if reply.error:
-                raise DeviceError(f"client refused {command.name}", reply.error)
-        return replies
-
-    def _hang_up(self) -> None:
-        """Shut the socket so that the loop sees EOF instead of waiting on a
-        dead stream (the device may swallow the DMA error that ended it)."""
-        try:
-            self.transport.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
     def _call(self, command: Command, payload: wire.Payload) -> Reply:
         if self.closed:
             raise ConnectionClosed("client is gone")
@@ -290,7 +204,13 @@ class Session(DeviceContext):
                 reply = self._call_main(command, payload)
         except PeerProtocolError as exc:
             if exc.fatal:
-                self._hang_up()
+                # The device may swallow the error (it is a DMA failure to
+                # the device); the session must still end: shut the socket
+                # so the loop sees EOF instead of waiting on a dead stream.
+                try:
+                    self.transport.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             raise
         if reply.error:
             raise DeviceError(f"client refused {command.name}", reply.error)
@@ -705,9 +625,6 @@ def refuse_busy(sock: socket.socket, timeout: float = 2.0) -> None:
 # Each returns (reply payload, fds to pass) or raises a VfioUserError.
 
 NOTHING: tuple[bytes, list[int]] = (b"", [])
-#: DMA messages one scatter-gather list keeps in flight on the twin socket:
-#: their replies (16 bytes each for DMA_WRITE) fit any socket buffer.
-DMA_WINDOW = 32
 _REGION_READ = int(Command.REGION_READ)
 _READ = int(wire.RegionFlags.READ)
 _WRITE = int(wire.RegionFlags.WRITE)

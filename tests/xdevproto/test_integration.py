@@ -363,28 +363,3 @@ def test_client_refuses_direct_memory_without_invalidation(tmp_path, monkeypatch
     server.stop()
     t.join(5)
     lst.close()
-
-
-def test_dma_messages_of_a_list_in_flight_together(served) -> None:
-    """A device's scatter-gather list by messages: up to DMA_WINDOW on the
-    twin socket at once, replies matched to requests, data in order; a
-    refused piece raises once all are answered, and the session goes on."""
-    from xdevproto.errors import DeviceError
-    from xdevproto.server import DMA_WINDOW
-
-    with MemfdRam(1 << 20) as ram, Client.connect(served.path, guest=ram) as c:
-        c.dma_map(0, 1 << 19)  # message DMA only; the upper half is not mapped
-        session = served.server.session
-        assert session is not None
-        pieces = [(0x1000 * i + 8 * i, os.urandom(100 + i)) for i in range(DMA_WINDOW * 3)]
-        session.dma_write_many(pieces)
-        for addr, data in pieces:
-            assert ram.read(addr, len(data)) == data
-        got = session.dma_read_many([(addr, len(data)) for addr, data in pieces])
-        assert got == [data for _, data in pieces]
-        with pytest.raises(DeviceError) as exc:
-            session.dma_read_many([(0x100, 4), ((1 << 19) + 0x100, 4), (0x200, 4)])
-        assert exc.value.errno == errno.EFAULT
-        assert session.dma_read_many([(0x100, 4), (0x200, 4)]) == [ram.read(0x100, 4),
-                                                                   ram.read(0x200, 4)]
-        assert c.region_read(PciRegion.BAR0, 0, 4) == struct.pack("<I", ID_VALUE)

@@ -105,8 +105,6 @@ class _Piece:
 
 #: Most iovecs one preadv/pwritev takes (Linux UIO_MAXIOV).
 IOV_MAX = 1024
-#: bytes of one file call when a scatter-gather list goes by DMA messages
-MESSAGE_BATCH = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,8 +436,6 @@ class GuestMemory:
             want = sum(e.length for e in chunk)
             done = self._batched(fd, chunk, offset + total, to_guest)
             if done is None:
-                done = self._by_messages(fd, chunk, offset + total, to_guest)
-            if done is None:
                 done = self._one_by_one(fd, chunk, offset + total, to_guest)
             total += done
             if done < want:
@@ -498,54 +494,6 @@ class GuestMemory:
                     self._mark(p.entry, p.offset, min(left, p.length))
                     left -= p.length
             return done
-
-    def _by_messages(self, fd: int, sg: Sequence[SgEntry], offset: int,
-                     to_guest: bool) -> int | None:
-        """``sg`` if all of it goes by DMA messages (else None, before any
-        byte moved): one ``pread``/``pwrite`` per MESSAGE_BATCH bytes and
-        their messages in flight together (DeviceContext.dma_read_many),
-        rather than a file call and a message round trip per entry."""
-        ctx = self.ctx
-        if ctx is None:
-            return None
-        pieces: list[_Piece] = []
-        with self._lock:
-            pos = 0
-            for e in sg:
-                self._cover(e.addr, e.length, to_guest, pos, pieces, pin=False)
-                pos += e.length
-        if any(p.entry.view is not None for p in pieces):
-            return None
-        step = max(1, ctx.max_data_xfer_size)
-        ranges = [(p.iova + at, min(step, p.length - at))
-                  for p in pieces for at in range(0, p.length, step)]
-        total = start = 0
-        while start < len(ranges):
-            end, size = start, 0
-            while end < len(ranges) and (end == start or size + ranges[end][1] <= MESSAGE_BATCH):
-                size += ranges[end][1]
-                end += 1
-            group, start = ranges[start:end], end
-            if to_guest:
-                data = memoryview(os.pread(fd, size, offset + total))
-                out, at = [], 0
-                for iova, n in group:
-                    if at >= len(data):
-                        break
-                    out.append((iova, data[at:at + n]))
-                    at += n
-                self._message(lambda _a, parts: ctx.dma_write_many(parts), 0, out)
-                done = len(data)
-            else:
-                parts = self._message(lambda _a, rs: ctx.dma_read_many(rs), 0, group)
-                for (iova, n), part in zip(group, parts, strict=True):
-                    if len(part) != n:
-                        raise DmaError(f"DMA_READ at {iova:#x} returned {len(part)} of {n} bytes")
-                done = os.pwrite(fd, b"".join(parts), offset + total)
-            total += done
-            if done < size:
-                break
-        return total
 
     def _one_by_one(self, fd: int, sg: Sequence[SgEntry], offset: int, to_guest: bool) -> int:
         total = 0

@@ -188,60 +188,6 @@ def test_preadv_pwritev_straight_into_guest_memory(ram: MemfdRam, gm: GuestMemor
         assert gm.preadv(f.fileno(), [SgEntry(0, 1024)], 4096 + 3 * 512 - 100) == 100
 
 
-class BatchingContext(FakeContext):
-    """Records each batch of DMA messages a list is sent in."""
-
-    def __init__(self, base: int, size: int, xfer: int = 1000) -> None:
-        super().__init__(base, size, xfer)
-        self.batches: list[tuple[str, list[tuple[int, int]]]] = []
-
-    def dma_read_many(self, ranges):  # type: ignore[no-untyped-def]
-        self.batches.append(("read", list(ranges)))
-        return super().dma_read_many(ranges)
-
-    def dma_write_many(self, pieces):  # type: ignore[no-untyped-def]
-        self.batches.append(("write", [(a, len(d)) for a, d in pieces]))
-        super().dma_write_many(pieces)
-
-
-def test_a_list_all_in_message_regions_goes_in_batches(
-        gm: GuestMemory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One file call and one batch of messages (each at most the client's
-    transfer size) per MESSAGE_BATCH bytes, not one round trip per entry."""
-    import xdevproto.pci.dma as dma_mod
-    ctx = BatchingContext(8 * PAGE, 4 * PAGE, xfer=1000)
-    gm.ctx = ctx
-    gm.map(DmaRegion(8 * PAGE, 4 * PAGE, True, True))
-    sg = [SgEntry(9 * PAGE, 1500), SgEntry(8 * PAGE + 100, 512), SgEntry(11 * PAGE, 512)]
-    with tempfile.TemporaryFile() as f:
-        payload = os.urandom(2524)
-        os.pwrite(f.fileno(), payload, 0)
-        assert gm.preadv(f.fileno(), sg, 0) == 2524
-        assert ctx.batches == [("write", [(9 * PAGE, 1000), (9 * PAGE + 1000, 500),
-                                          (8 * PAGE + 100, 512), (11 * PAGE, 512)])]
-        assert bytes(ctx.mem[PAGE:PAGE + 1500]) == payload[:1500]
-        assert bytes(ctx.mem[100:612]) == payload[1500:2012]
-        assert bytes(ctx.mem[3 * PAGE:3 * PAGE + 512]) == payload[2012:]
-        ctx.batches.clear()
-        assert gm.pwritev(f.fileno(), sg, 8192) == 2524
-        assert os.pread(f.fileno(), 2524, 8192) == payload
-        assert [b[0] for b in ctx.batches] == ["read"]
-        # End of file part way: what there is moves, the count says so.
-        ctx.mem[3 * PAGE:3 * PAGE + 512] = b"\xee" * 512
-        assert gm.preadv(f.fileno(), sg, 8192 + 2000) == 524
-        assert bytes(ctx.mem[3 * PAGE:3 * PAGE + 512]) == b"\xee" * 512  # untouched
-        # Batches of at most MESSAGE_BATCH bytes, each its own file call.
-        monkeypatch.setattr(dma_mod, "MESSAGE_BATCH", 1200)
-        ctx.batches.clear()
-        assert gm.preadv(f.fileno(), sg, 0) == 2524
-        assert [sum(n for _, n in b[1]) for b in ctx.batches] == [1000, 1012, 512]
-        assert bytes(ctx.mem[PAGE:PAGE + 1500]) == payload[:1500]
-        # A refused message is the device's DMA error.
-        ctx.fail = True
-        with pytest.raises(DmaError):
-            gm.pwritev(f.fileno(), sg, 0)
-
-
 class DirectContext(FakeContext):
     """A runtime that reaches guest memory itself (DeviceContext.file_io)."""
 
