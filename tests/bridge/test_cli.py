@@ -89,11 +89,13 @@ def wait_for(pred, timeout: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def bridge_rig(tmp_path: Path, mappers=None, *, device=None, attachers=None, **cfg):
+def bridge_rig(tmp_path: Path, mappers=None, *, device=None, attachers=None, servers=None,
+               **cfg):
     """A device server, fake Xen and the bridge's run() in threads; yields
     (xen, xenstore, device, stop, bridge thread, run's result). Without
     ``device``, the test device with an MSI capability. ``mappers(xen)`` /
-    ``attachers(xen)``: the server's xdev extensions; ``cfg``: Config fields."""
+    ``attachers(xen)``: the server's xdev extensions; ``servers``: a list
+    the server is appended to; ``cfg``: Config fields."""
     if device is None:
         device = TestDevice()
         cfg_space = device.config
@@ -104,6 +106,8 @@ def bridge_rig(tmp_path: Path, mappers=None, *, device=None, attachers=None, **c
     xen = FakeXen(domid=7, vcpus=2)
     server = Server(device, guest_mappers=mappers(xen) if mappers else None,
                     ioreq_attachers=attachers(xen) if attachers else None)
+    if servers is not None:
+        servers.append(server)
     listener = listen(str(tmp_path / "dev.sock"))
     sthread = threading.Thread(target=server.serve, args=(listener,), daemon=True)
     sthread.start()
@@ -118,7 +122,6 @@ def bridge_rig(tmp_path: Path, mappers=None, *, device=None, attachers=None, **c
     try:
         wait_for(lambda: any(s.enabled for s in xen.servers.values())
                  and xs.data.get(b"/local/domain/0/xdev/7/state") == b"running")
-        bridge_rig.server = server  # type: ignore[attr-defined]
         yield xen, xs, device, stop, bthread, result
     finally:
         stop.set()
@@ -170,12 +173,17 @@ def test_guest_accesses_reach_the_device(rig) -> None:
     assert xen.msis == [(0xFEE0_1000, 0x0031)]
 
 
-def test_guest_death_stops_the_bridge(rig) -> None:
-    xen, xs, device, stop, bthread, result = rig
+def guest_dies(xen: FakeXen, xs: FakeXenstore) -> None:
+    """The guest is destroyed: Xen drops it and xenstored fires @releaseDomain."""
     xen.kill_domain()
     xs.alive = False
     for m in xs.monitors:
         m.events.put((b"@releaseDomain", b"xdev"))
+
+
+def test_guest_death_stops_the_bridge(rig) -> None:
+    xen, xs, device, stop, bthread, result = rig
+    guest_dies(xen, xs)
     bthread.join(10)
     assert not bthread.is_alive() and result == [0]
     assert xs.data.get(b"/local/domain/0/xdev/7/state") == b"closed"

@@ -18,7 +18,14 @@ from bridge.xen.fake import FakeHandle, FakeXen
 from servers.e1000 import regs as ER
 from servers.e1000.backends import NullBackend
 from servers.e1000.device import E1000Device
-from tests.bridge.test_cli import SBDF, bridge_rig, cfg_addr, wait_for
+from tests.bridge.test_cli import (
+    SBDF,
+    FakeXenstore,
+    bridge_rig,
+    cfg_addr,
+    guest_dies,
+    wait_for,
+)
 from xdevproto.device import Device
 from xdevproto.server import Server
 from xdevproto.testdev import ID_VALUE, TestDevice
@@ -32,11 +39,14 @@ BAR = 0xF000_0000
 @contextlib.contextmanager
 def direct_rig(tmp_path: Path, device: Device, *, serve_direct: bool = True,
                offer: bool = True) -> Iterator[tuple[FakeXen, list[FakeHandle], Server,
-                                                     threading.Thread]]:
+                                                     threading.Thread, FakeXenstore,
+                                                     list[int]]]:
     """test_cli's rig with a server that takes the ioreq extension; each
     session of the server gets its own event channel handle, as a process
-    of its own would."""
+    of its own would. Yields (xen, handles, server, bridge thread,
+    xenstore, run's result)."""
     handles: list[FakeHandle] = []
+    servers: list[Server] = []
 
     def attachers(xen: FakeXen) -> dict:
         def attach(params: dict, dev: Device) -> XenIoreqAttachment:
@@ -45,9 +55,8 @@ def direct_rig(tmp_path: Path, device: Device, *, serve_direct: bool = True,
         return {"xen": attach}
 
     with bridge_rig(tmp_path, device=device, attachers=attachers if serve_direct else None,
-                    direct_ioreq=offer) as (xen, xs, _, _, bthread, result):
-        direct_rig.last = (xs, result)  # type: ignore[attr-defined]
-        yield xen, handles, bridge_rig.server, bthread  # type: ignore[attr-defined]
+                    servers=servers, direct_ioreq=offer) as (xen, xs, _, _, bthread, result):
+        yield xen, handles, servers[0], bthread, xs, result
 
 
 def access(xen: FakeXen, sid: int, typ: IoreqType, d: IoreqDir, addr: int, size: int,
@@ -69,7 +78,7 @@ def answered_by(xen: FakeXen, who: object) -> bool:
 
 
 def test_the_device_server_serves_its_bar_itself(tmp_path: Path) -> None:
-    with direct_rig(tmp_path, TestDevice()) as (xen, handles, server, _):
+    with direct_rig(tmp_path, TestDevice()) as (xen, handles, server, *_):
         config(xen, 0x10, 4, BAR)
         config(xen, 0x04, 2, 0x0002)  # memory decoding on: the BAR is claimed
         dev_sid = max(xen.servers)
@@ -101,7 +110,7 @@ def test_a_server_without_the_extension_is_served_through_the_bridge(tmp_path: P
         sub = tmp_path / f"{serve_direct}-{offer}"
         sub.mkdir()
         with direct_rig(sub, TestDevice(), serve_direct=serve_direct,
-                        offer=offer) as (xen, handles, _, _):
+                        offer=offer) as (xen, handles, *_):
             config(xen, 0x10, 4, BAR)
             config(xen, 0x04, 2, 0x0002)
             assert list(xen.servers) == [MAIN] and not handles
@@ -115,7 +124,7 @@ def test_the_server_drives_intx_itself_and_serves_port_io(tmp_path: Path) -> Non
     server: raised by ICS, lowered by the read of ICR."""
     nic = E1000Device(bytes.fromhex("525400123456"), NullBackend())
     try:
-        with direct_rig(tmp_path, nic) as (xen, handles, _, _):
+        with direct_rig(tmp_path, nic) as (xen, handles, *_):
             config(xen, 0x10, 4, BAR)
             config(xen, 0x14, 4, 0xC000)
             config(xen, 0x04, 2, 0x0003)  # I/O and memory decoding
@@ -147,7 +156,7 @@ def test_the_bridge_takes_over_while_the_server_is_gone(tmp_path: Path) -> None:
     """The server dies holding a request (IOREQ_INPROCESS): the bridge binds
     the ports the kernel freed, completes that request as unanswered and
     answers all-ones until the server is back; then the server serves again."""
-    with direct_rig(tmp_path, TestDevice()) as (xen, handles, server, _):
+    with direct_rig(tmp_path, TestDevice()) as (xen, handles, server, *_):
         config(xen, 0x10, 4, BAR)
         config(xen, 0x04, 2, 0x0002)
         dev_sid = max(xen.servers)
@@ -175,7 +184,7 @@ def test_the_bridge_takes_over_while_the_server_is_gone(tmp_path: Path) -> None:
 
 
 def test_bridge_exit_releases_and_destroys_the_device_server(tmp_path: Path) -> None:
-    with direct_rig(tmp_path, TestDevice()) as (xen, handles, server, bthread):
+    with direct_rig(tmp_path, TestDevice()) as (xen, handles, server, bthread, *_):
         config(xen, 0x10, 4, BAR)
         config(xen, 0x04, 2, 0x0002)
         dev_sid = max(xen.servers)
@@ -189,15 +198,11 @@ def test_bridge_exit_releases_and_destroys_the_device_server(tmp_path: Path) -> 
 def test_the_guest_dies_with_its_bars_served_directly(tmp_path: Path) -> None:
     """Xen destroys the guest's ioreq servers with it: the bridge's clean-up
     of the device's claims meets ENOENT/ESRCH and must still exit cleanly."""
-    with direct_rig(tmp_path, TestDevice()) as (xen, handles, server, bthread):
+    with direct_rig(tmp_path, TestDevice()) as (xen, _, _, bthread, xs, result):
         config(xen, 0x10, 4, BAR)
         config(xen, 0x04, 2, 0x0002)
         assert len(xen.servers) == 2
-        xs, result = direct_rig.last  # type: ignore[attr-defined]
-        xen.kill_domain()
-        xs.alive = False
-        for m in xs.monitors:
-            m.events.put((b"@releaseDomain", b"xdev"))
+        guest_dies(xen, xs)
         bthread.join(10)
         assert not bthread.is_alive() and result == [0]
 
