@@ -10,12 +10,18 @@ through cffi in ABI mode.  Without libatomic, :data:`Atomics.atomic` is
 False and the ioreq server creates its server without a buffered ring.
 
 The request/response protocol itself needs barriers between the data and
-the state byte (ioreq.h; QEMU uses xen_rmb/xen_wmb): :meth:`Atomics.fence`.
+the state byte (ioreq.h; QEMU uses xen_rmb/xen_wmb): :attr:`Atomics.rw_barrier`.
+On x86 that is no instruction: its memory model (TSO) keeps loads in order
+with loads and stores with stores, so only the compiler must not reorder
+them, and one C call per access of the page sees to that (QEMU's xen_rmb and
+xen_wmb are compiler barriers on x86 too).
 """
 
 from __future__ import annotations
 
+import platform
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from bridge.xen.backend import SharedMapping
@@ -27,6 +33,8 @@ uint32_t __atomic_load_4(void *ptr, int memorder);
 void atomic_thread_fence(int memorder);
 """
 _U32 = struct.Struct("<I")
+#: Whether this CPU keeps loads and stores in program order among themselves.
+TSO = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 class Atomics:
@@ -39,6 +47,9 @@ class Atomics:
         # getattr: a literal "__atomic_..." inside a class body would be name-mangled.
         self._fetch_add = getattr(lib, "__atomic_fetch_add_4", None)
         self._load = getattr(lib, "__atomic_load_4", None)
+        #: The read/write barrier between an ioreq's fields and its state:
+        #: None where the CPU needs none (x86), else a full fence.
+        self.rw_barrier: Callable[[], None] | None = None if TSO else self.fence
 
     @classmethod
     def load(cls) -> Atomics:

@@ -105,6 +105,7 @@ class IoreqServer:
         self._handler = handler
         self._memory = memory
         self._atomics = atomics if atomics is not None else Atomics.load()
+        self._barrier = self._atomics.rw_barrier
         self._nr_vcpus = nr_vcpus
         self._attach_id = attach_id
         self._want_buffered = buffered and self._atomics.atomic and attach_id is None
@@ -115,7 +116,8 @@ class IoreqServer:
         self.time_offset = 0  # last TIMEOFFSET (seconds, signed), for an RTC model
         self.legacy_gfn_mapping = False
         self._mappings: list[SharedMapping] = []
-        self._ioreq_page: memoryview | None = None
+        self._page_view: memoryview | None = None
+        self._slots: list[memoryview] = []  # each vCPU's slot of it
         self._buf_map: SharedMapping | None = None
         self._vcpu_ports: list[int] = []
         self._port_vcpu: dict[int, int] = {}
@@ -241,6 +243,17 @@ class IoreqServer:
             log.warning("ioreq server %d: %d requests its server left unanswered completed "
                         "as all-ones", self.id, done)
         return done
+
+    @property
+    def _ioreq_page(self) -> memoryview | None:
+        """The mapped ``shared_iopage_t`` (None when not mapped)."""
+        return self._page_view
+
+    @_ioreq_page.setter
+    def _ioreq_page(self, page: memoryview | None) -> None:
+        self._page_view = page
+        self._slots = [] if page is None else [abi.ioreq_slot(page, v) for v in
+                                               range(len(page) // abi.IOREQ_SIZE)]
 
     def _map_pages(self) -> int | None:
         """Map the ioreq page (and ring); return the buffered ring's remote port."""
@@ -445,13 +458,15 @@ class IoreqServer:
             return self._handle_vcpu_locked(vcpu)
 
     def _handle_vcpu_locked(self, vcpu: int) -> int:
-        if self._ioreq_page is None or vcpu >= len(self._vcpu_ports):
+        slots = self._slots
+        if vcpu >= len(slots) or vcpu >= len(self._vcpu_ports):
             return 0
-        slot = abi.ioreq_slot(self._ioreq_page, vcpu)
+        slot = slots[vcpu]
         if slot[_STATE_AT] & _STATE_MASK != _IOREQ_READY:
             self.stats.spurious += 1
             return 0
-        self._atomics.fence()  # rmb: the fields were written before the state
+        if self._barrier is not None:
+            self._barrier()  # rmb: the fields were written before the state
         snapshot = bytes(slot)
         bits = snapshot[_STATE_AT]
         slot[_STATE_AT] = bits & _OTHER_BITS | _IOREQ_INPROCESS
@@ -485,7 +500,8 @@ class IoreqServer:
             value = self._unanswered(raw or abi.unpack_ioreq(snapshot))
         if value is not None:
             _U64.pack_into(slot, abi.IOREQ_DATA_OFFSET, value)
-        self._atomics.fence()  # wmb: data before state
+        if self._barrier is not None:
+            self._barrier()  # wmb: data before state
         slot[_STATE_AT] = bits & _OTHER_BITS | _IORESP_READY
         self._xen.notify(self._vcpu_ports[vcpu])
         self.stats.handled += 1
