@@ -718,35 +718,49 @@ class Bridge:
         os.close(self._wake_w)
 
     def _irq_loop(self) -> None:
-        """Wait on every device's interrupt eventfds; reconnect dead servers."""
+        """Wait on every device's interrupt eventfds; reconnect dead servers.
+
+        The set of eventfds is rebuilt only when a device changed (it writes
+        the wake pipe), a select failed, or a server is dead: an interrupt
+        costs the select, the eventfd read and the delivery, nothing more."""
+        watch: dict[int, tuple[BridgeDevice, int, int]] | None = None
+        fds: list[int] = []
+        dead: list[BridgeDevice] = []
         while not self._stop.is_set():
-            watch: dict[int, tuple[BridgeDevice, int, int]] = {}
-            for dev in self.devices.values():
-                for index, fds in dev.irq_fds.items():
-                    for vector, fd in enumerate(fds):
-                        watch[fd] = (dev, index, vector)
-            dead = [d for d in self.devices.values() if not d.alive]
-            timeout = RECONNECT_INTERVAL if dead else None
+            if watch is None:
+                watch = {}
+                for dev in self.devices.values():
+                    for index, vectors in dev.irq_fds.items():
+                        for vector, fd in enumerate(vectors):
+                            watch[fd] = (dev, index, vector)
+                fds = [self._wake_r, *watch]
+                dead = [d for d in self.devices.values() if not d.alive]
             try:
-                ready, _, _ = select.select([self._wake_r, *watch], [], [], timeout)
+                ready, _, _ = select.select(fds, [], [], RECONNECT_INTERVAL if dead else None)
             except (OSError, ValueError):
-                continue  # an fd closed under us: rebuild the set
-            if self._wake_r in ready:
-                try:
-                    os.read(self._wake_r, 4096)
-                except BlockingIOError:
-                    pass
+                watch = None  # an fd closed under us: rebuild the set
+                continue
             for fd in ready:
-                if fd in watch:
-                    dev, index, vector = watch[fd]
+                if fd == self._wake_r:
                     try:
-                        os.eventfd_read(fd)
-                    except (BlockingIOError, OSError):
-                        continue
-                    dev.irq_fired(index, vector)
-            for dev in dead:
-                if not self._stop.is_set():
-                    dev.try_reconnect()
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    watch = None
+                    continue
+                hit = watch.get(fd) if watch is not None else None
+                if hit is None:
+                    continue
+                try:
+                    os.eventfd_read(fd)
+                except (BlockingIOError, OSError):
+                    continue
+                hit[0].irq_fired(hit[1], hit[2])
+            if dead:
+                watch = None
+                for dev in dead:
+                    if not self._stop.is_set():
+                        dev.try_reconnect()
 
     # -- IoHandler --------------------------------------------------------------
     def _find(self, mmio: bool, addr: int, size: int) -> tuple[BridgeDevice, Bar, int] | None:
