@@ -161,13 +161,19 @@ class Port:
         self.halted = False
         self.srst = False
         self.deferred = 0  # issued slots waiting for old work to drain (see issue)
+        abar = hba.abar
+        self._values = abar.values  # the register file's storage, updated in place
+        self._slots = {reg.name: abar.layout.slot(reg.name, index) for reg in abar.layout.regs
+                       if reg.name.startswith("Px")}
 
     # -- register helpers --------------------------------------------------------------
+    # By this port's slot numbers, looked up once: a command reads and sets
+    # some twenty registers on its way.
     def get(self, name: str) -> int:
-        return self.hba.abar[name, self.i]
+        return self._values[self._slots[name]]
 
     def set(self, name: str, value: int) -> None:
-        self.hba.abar[name, self.i] = value & 0xFFFFFFFF
+        self._values[self._slots[name]] = value & 0xFFFFFFFF
 
     def event(self, bits: int) -> None:
         """Set PxIS bits and let the HBA aggregate them into IS and the interrupt."""

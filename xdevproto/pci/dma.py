@@ -107,6 +107,21 @@ class _Piece:
 IOV_MAX = 1024
 
 
+class _NoWait:
+    """The context of :meth:`GuestMemory.nowait`."""
+
+    __slots__ = ("_tls",)
+
+    def __init__(self, tls: threading.local) -> None:
+        self._tls = tls
+
+    def __enter__(self) -> None:
+        self._tls.nowait = True
+
+    def __exit__(self, *_exc: object) -> None:
+        self._tls.nowait = False
+
+
 @dataclass(frozen=True, slots=True)
 class SgEntry:
     """One scatter-gather element: ``length`` bytes at guest address ``addr``."""
@@ -334,18 +349,14 @@ class GuestMemory:
         for pos in range(0, len(src), step):
             self._message(ctx.dma_write, iova + pos, src[pos:pos + step])
 
-    @contextmanager
-    def nowait(self) -> Iterator[None]:
+    def nowait(self) -> _NoWait:
         """Accesses in this thread raise :class:`WouldBlock` rather than wait
         on a peer (DMA messages) or a disk (file data not in the page cache,
         or any write to a file). A device uses it to finish short work on
         the thread that took the request, without a hand-over to a worker,
-        and only where every such wait can be left to a worker instead."""
-        self._tls.nowait = True
-        try:
-            yield
-        finally:
-            self._tls.nowait = False
+        and only where every such wait can be left to a worker instead.
+        (A plain context manager class: this is on every command's path.)"""
+        return _NoWait(self._tls)
 
     @property
     def may_wait(self) -> bool:
