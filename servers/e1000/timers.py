@@ -70,9 +70,15 @@ class ThreadTimers:
         return time.monotonic()
 
     def arm(self, key: str, delay: float, fn: Callable[[], None]) -> None:
+        when = self.now() + delay
         with self._cv:
-            self._h.arm(key, self.now() + delay, fn)
-            self._cv.notify()
+            first = self._h.next_deadline()
+            self._h.arm(key, when, fn)
+            # The thread sleeps until the earliest deadline and looks again
+            # then: it needs waking only for an earlier one. (Drivers re-arm
+            # the packet timers with every batch.)
+            if first is None or when < first:
+                self._cv.notify()
 
     def cancel(self, key: str) -> None:
         with self._cv:
