@@ -66,24 +66,26 @@ class _DeviceIo:
             tables[mmio] = ([r.start for r in ordered], ordered)
         self._tables = tables  # one assignment: the serving thread sees old or new
 
-    # Every BAR access of the guest comes through here: written out flat.
-    def _read(self, mmio: bool, addr: int, size: int) -> int:
+    def _find(self, mmio: bool, addr: int, size: int) -> IoreqRange | None:
+        """The range holding all of [addr, addr+size) (every BAR access of the
+        guest comes through here: one bisect on plain starts)."""
         starts, ranges = self._tables[mmio]
         i = bisect.bisect_right(starts, addr) - 1
-        if i >= 0:
-            r = ranges[i]
-            if addr + size <= r.start + r.size:
-                return int.from_bytes(self.device.region_read(r.region, addr - r.start, size),
-                                      "little")
-        return (1 << (8 * size)) - 1
+        if i < 0:
+            return None
+        r = ranges[i]
+        return r if addr + size <= r.start + r.size else None
+
+    def _read(self, mmio: bool, addr: int, size: int) -> int:
+        r = self._find(mmio, addr, size)
+        if r is None:
+            return (1 << (8 * size)) - 1
+        return int.from_bytes(self.device.region_read(r.region, addr - r.start, size), "little")
 
     def _write(self, mmio: bool, addr: int, size: int, value: int) -> None:
-        starts, ranges = self._tables[mmio]
-        i = bisect.bisect_right(starts, addr) - 1
-        if i >= 0:
-            r = ranges[i]
-            if addr + size <= r.start + r.size:
-                self.device.region_write(r.region, addr - r.start, value.to_bytes(size, "little"))
+        r = self._find(mmio, addr, size)
+        if r is not None:
+            self.device.region_write(r.region, addr - r.start, value.to_bytes(size, "little"))
 
     def mmio_read(self, addr: int, size: int) -> int:
         return self._read(True, addr, size)
