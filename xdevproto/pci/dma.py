@@ -24,6 +24,7 @@ mapped fd; writes sent as DMA_WRITE messages are the client's to track.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import errno
 import mmap
 import os
@@ -105,6 +106,23 @@ class _Piece:
 
 #: Most iovecs one preadv/pwritev takes (Linux UIO_MAXIOV).
 IOV_MAX = 1024
+
+
+#: statfs f_type of file systems that keep file data in memory: tmpfs, ramfs.
+_MEMORY_FS = frozenset((0x01021994, 0x858458F6))
+_libc: ctypes.CDLL | None = None
+
+
+def in_memory_fs(fd: int) -> bool:
+    """Whether ``fd``'s file lives on tmpfs or ramfs (``fstatfs``), where a
+    read waits on no disk although RWF_NOWAIT is refused."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)  # struct statfs: 120 bytes on x86-64
+    if _libc.fstatfs(fd, buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value in _MEMORY_FS  # f_type, the first field
 
 
 class _NoWait:
@@ -464,9 +482,13 @@ class GuestMemory:
         try:
             done = self._batched(fd, sg, offset, to_guest, os.RWF_NOWAIT)
         except OSError as exc:  # EAGAIN: not cached; EOPNOTSUPP/EINVAL: no RWF_NOWAIT here
-            if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and in_memory_fs(fd):
+                # tmpfs refuses the flag, yet its data is memory: no disk to wait on.
+                done = self._batched(fd, sg, offset, to_guest)
+            elif exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
                 raise WouldBlock("file data not in the page cache") from None
-            raise
+            else:
+                raise
         if done is None or (done < want and done != self._file_left(fd, offset, want)):
             raise WouldBlock("file data partly cached")
         return done

@@ -15,7 +15,7 @@ import pytest
 from xdevproto.device import DeviceContext, DmaRegion
 from xdevproto.errors import DeviceError, RemoteError
 from xdevproto.guestmem import MemfdRam
-from xdevproto.pci.dma import DmaError, GuestMemory, SgEntry, WouldBlock
+from xdevproto.pci.dma import DmaError, GuestMemory, SgEntry, WouldBlock, in_memory_fs
 
 PAGE = 4096
 
@@ -234,12 +234,38 @@ def test_file_io_through_the_runtime_when_no_region_has_an_fd(
 
 
 def _nowait_reads(fd: int) -> bool:
-    """Whether the file system answers RWF_NOWAIT reads (tmpfs does not)."""
+    """Whether reads inside nowait() can succeed here: the file system
+    answers RWF_NOWAIT reads, or keeps its data in memory (tmpfs, which
+    refuses the flag)."""
     try:
         os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
     except OSError:
-        return False
+        return in_memory_fs(fd)
     return True
+
+
+def test_nowait_reads_from_tmpfs(ram: MemfdRam, gm: GuestMemory) -> None:
+    """tmpfs refuses RWF_NOWAIT, but its data is memory: a read inside
+    nowait() is done there and then, not handed to a worker; a write still
+    is."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm on this machine")
+    gm.map(memfd_region(ram, 0, PAGE))
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as f:
+        assert in_memory_fs(f.fileno())  # /dev/shm is tmpfs on Linux
+        payload = os.urandom(1024)
+        os.pwrite(f.fileno(), payload, 0)
+        with gm.nowait():
+            assert gm.preadv(f.fileno(), [SgEntry(0, 1024)], 0) == 1024
+            with pytest.raises(WouldBlock):
+                gm.pwritev(f.fileno(), [SgEntry(0, 512)], 0)
+        assert ram.read(0, 1024) == payload
+    r, w = os.pipe()
+    try:
+        assert not in_memory_fs(r)  # pipefs: not a file system that holds file data
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_nowait_refuses_what_would_wait(ram: MemfdRam, gm: GuestMemory,
