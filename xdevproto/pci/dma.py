@@ -110,17 +110,15 @@ IOV_MAX = 1024
 
 #: statfs f_type of file systems that keep file data in memory: tmpfs, ramfs.
 _MEMORY_FS = frozenset((0x01021994, 0x858458F6))
-_libc: ctypes.CDLL | None = None
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def in_memory_fs(fd: int) -> bool:
     """Whether ``fd``'s file lives on tmpfs or ramfs (``fstatfs``), where a
-    read waits on no disk although RWF_NOWAIT is refused."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
+    read waits on no disk although RWF_NOWAIT is refused. Asked only after
+    such a refusal, so file systems that take the flag never pay for it."""
     buf = ctypes.create_string_buffer(256)  # struct statfs: 120 bytes on x86-64
-    if _libc.fstatfs(fd, buf) != 0:
+    if _LIBC.fstatfs(fd, buf) != 0:
         return False
     return ctypes.c_long.from_buffer(buf).value in _MEMORY_FS  # f_type, the first field
 
