@@ -33,6 +33,14 @@ class Share:
     readonly: bool = True
 
 
+#: The emulated CPU. Without -smap,-smep dom0 (PV) crashes under TCG.
+#: Without -xsave, dom0's programs see their memory and registers change
+#: under them while an HVM guest runs (docs/emuhost.md, "Is the emulated
+#: host sound?"); with it Xen, dom0 and the guest save FPU/SSE state with
+#: FXSAVE and nobody uses AVX.
+DEFAULT_CPU = "max,-smap,-smep,-xsave"
+
+
 @dataclass(frozen=True)
 class BootConfig:
     """How the machine boots; none of this needs an image rebuild."""
@@ -48,6 +56,12 @@ class BootConfig:
     #: "single" (one thread for all; slower). $XDEV_EMUHOST_TCG picks it,
     #: to tell emulator faults from xdev's (docs/emuhost.md).
     tcg_threads: str = field(default_factory=lambda: os.environ.get("XDEV_EMUHOST_TCG", "multi"))
+    #: The emulated CPU: $XDEV_EMUHOST_CPU, else :data:`DEFAULT_CPU`.
+    cpu: str = field(default_factory=lambda: os.environ.get("XDEV_EMUHOST_CPU", DEFAULT_CPU))
+    #: More Xen command-line options, from $XDEV_EMUHOST_XEN_ARGS (spaces
+    #: between them), for the same purpose.
+    more_xen_args: tuple[str, ...] = field(
+        default_factory=lambda: tuple(os.environ.get("XDEV_EMUHOST_XEN_ARGS", "").split()))
     #: From QEMU's start to dom0 ready for jobs: ~30 s idle, 120 s seen with
     #: two emulated hosts sharing two cores.
     boot_timeout_s: float = 420.0
@@ -58,7 +72,7 @@ class BootConfig:
 
     def xen_cmdline(self) -> str:
         mem = f"dom0_mem={self.dom0_memory_mb}M,max:{self.dom0_memory_mb}M"
-        return " ".join([*self.xen_args, mem])
+        return " ".join([*self.xen_args, mem, *self.more_xen_args])
 
 
 def qemu_command(
@@ -80,8 +94,7 @@ def qemu_command(
         boot.qemu,
         "-machine", "pc",
         "-accel", f"tcg,thread={boot.tcg_threads}",
-        # Without -smap,-smep dom0 (PV) crashes under TCG's emulated CPU.
-        "-cpu", "max,-smap,-smep",
+        "-cpu", boot.cpu,
         "-smp", str(boot.cpus),
         "-m", str(boot.memory_mb),
         "-kernel", str(image.xen),

@@ -173,8 +173,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="an HVM guest with QEMU's AHCI disk works meanwhile")
     ap.add_argument("--guest-rounds", type=int, default=24,
                     help="the guest's 16 MiB write/read-back rounds (default 24)")
+    ap.add_argument("--guest-xl", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra line of the guest's xl config, e.g. hap=0 (shadow "
+                         "paging instead of the emulated CPU's nested paging); repeatable")
     ap.add_argument("--json", help="write the verdict to this file")
     args = ap.parse_args(argv)
+    extra_xl = []
+    for item in args.guest_xl:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            ap.error(f"--guest-xl takes KEY=VALUE, not {item!r}")
+        extra_xl.append((key.strip(), value.strip()))
     if args.seconds < 1 or not 1 <= args.workers <= 8 or args.guest_rounds < 1:
         ap.error("--seconds >= 1, --workers 1..8 and --guest-rounds >= 1 please")
     host = EmuHost()
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 name="selfcheck", memory_mb=256, files=tuple(files),
                 init_script=GUEST.replace("ROUNDS", str(args.guest_rounds)),
                 disks=("/var/tmp/selfcheck/disk.img,raw,hda,rw",),
-                extra=(("hdtype", '"ahci"'),)))
+                extra=(("hdtype", '"ahci"'), *extra_xl)))
             env["SC_GUEST"] = "1"
             env["SC_GUEST_TIMEOUT"] = str(300 + 20 * args.guest_rounds)
         started = time.monotonic()
@@ -205,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                     result.guest_serial("selfcheck") if args.guest else None,
                     result.file("dom0-faults.txt"))
     report = {"clean": verdict.clean, "seconds": round(elapsed), "guest": verdict.guest,
+              "guest_xl": dict(extra_xl),
               "workers": verdict.workers, "dom0_faults": verdict.dom0_faults,
               "results": str(result.results_dir)}
     print(json.dumps(report, indent=2))

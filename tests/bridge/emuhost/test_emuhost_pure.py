@@ -181,9 +181,10 @@ def _fake_image(tmp_path: Path) -> Image:
 def test_qemu_command_boots_xen_with_dom0_modules_and_shares(tmp_path: Path) -> None:
     image = _fake_image(tmp_path)
     shares = {"xdevrun": Share(tmp_path, readonly=False), "xdevrepo": Share(Path("/src"))}
-    argv = qemu_command(image, BootConfig(), shares, console="file:/tmp/c.log")
+    argv = qemu_command(image, BootConfig(cpu="max,-smap,-smep,-xsave"), shares,
+                        console="file:/tmp/c.log")
     joined = " ".join(argv)
-    assert argv[argv.index("-cpu") + 1] == "max,-smap,-smep"
+    assert argv[argv.index("-cpu") + 1] == "max,-smap,-smep,-xsave"
     assert argv[argv.index("-kernel") + 1] == str(image.xen)
     assert "dom0_mem=1024M,max:1024M" in argv[argv.index("-append") + 1]
     assert argv[argv.index("-initrd") + 1].startswith(f"{image.dom0_kernel} root=/dev/vda")
@@ -205,6 +206,24 @@ def test_tcg_threading_defaults_to_multi_and_follows_the_environment(
     monkeypatch.setenv("XDEV_EMUHOST_TCG", "many")
     with pytest.raises(BootError):
         qemu_command(image, BootConfig(), {}, console="file:/x")
+
+
+def test_cpu_and_xen_options_default_and_follow_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The emulated CPU lacks SMAP, SMEP and XSAVE unless the environment
+    says otherwise; extra Xen options go after the built-in ones."""
+    image = _fake_image(tmp_path)
+    monkeypatch.delenv("XDEV_EMUHOST_CPU", raising=False)
+    monkeypatch.delenv("XDEV_EMUHOST_XEN_ARGS", raising=False)
+    argv = qemu_command(image, BootConfig(), {}, console="file:/x")
+    cpu = argv[argv.index("-cpu") + 1].split(",")
+    assert cpu[0] == "max" and {"-smap", "-smep", "-xsave"} <= set(cpu[1:])
+    assert argv[argv.index("-append") + 1].endswith("dom0_mem=1024M,max:1024M")
+    monkeypatch.setenv("XDEV_EMUHOST_CPU", "max,-smap,-smep")
+    monkeypatch.setenv("XDEV_EMUHOST_XEN_ARGS", "pcid=0  xpti=false")
+    argv = qemu_command(image, BootConfig(), {}, console="file:/x")
+    assert argv[argv.index("-cpu") + 1] == "max,-smap,-smep"
+    assert argv[argv.index("-append") + 1].endswith("dom0_mem=1024M,max:1024M pcid=0 xpti=false")
 
 
 def test_qemu_command_refuses_commas_in_dom0_args(tmp_path: Path) -> None:
