@@ -80,12 +80,12 @@ class _DeviceIo:
         r = self._find(mmio, addr, size)
         if r is None:
             return (1 << (8 * size)) - 1
-        return int.from_bytes(self.device.region_read(r.region, addr - r.start, size), "little")
+        return self.device.region_read_int(r.region, addr - r.start, size)
 
     def _write(self, mmio: bool, addr: int, size: int, value: int) -> None:
         r = self._find(mmio, addr, size)
         if r is not None:
-            self.device.region_write(r.region, addr - r.start, value.to_bytes(size, "little"))
+            self.device.region_write_int(r.region, addr - r.start, size, value)
 
     def mmio_read(self, addr: int, size: int) -> int:
         return self._read(True, addr, size)

@@ -145,6 +145,16 @@ class Device(abc.ABC):
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         """Write ``data``; bounds were checked against region(index).size."""
 
+    def region_read_int(self, index: int, offset: int, size: int) -> int:
+        """:meth:`region_read` of ``size`` (1-8) bytes as a little-endian
+        number: what a CPU's register access wants (bridge.direct serves
+        ioreqs through these). Override to spare the bytes in between."""
+        return int.from_bytes(self.region_read(index, offset, size), "little")
+
+    def region_write_int(self, index: int, offset: int, size: int, value: int) -> None:
+        """:meth:`region_write` of ``value`` as ``size`` (1-8) little-endian bytes."""
+        self.region_write(index, offset, value.to_bytes(size, "little"))
+
     # -- client session --------------------------------------------------
     def attach(self, ctx: DeviceContext) -> None:
         """A client connected and finished VERSION."""

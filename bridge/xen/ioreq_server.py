@@ -423,7 +423,8 @@ class IoreqServer:
                 # (a system call per request, as QEMU's loop has it too).
                 if poller.poll(int(BUFFERED_POLL_INTERVAL * 1000)):
                     self.handle_events(1)
-                self.poll_buffered()
+                if self._buf_map is not None:
+                    self.poll_buffered()
         except DomainGone:
             log.info("domain %d is gone; tearing down ioreq server %s", self.domid, self.id)
         finally:

@@ -331,8 +331,12 @@ class XenLibs:
             check_result("xenevtchn_pending", False)
         return int(port)
 
+    # unmask and notify run for every request an ioreq server serves: the
+    # error path is the only one that calls further.
     def unmask(self, port: int) -> None:
-        check_result("xenevtchn_unmask", self._ev.xenevtchn_unmask(self._evh, port) == 0)
+        if self._ev.xenevtchn_unmask(self._evh, port) != 0:
+            check_result("xenevtchn_unmask", False)
 
     def notify(self, port: int) -> None:
-        check_result("xenevtchn_notify", self._ev.xenevtchn_notify(self._evh, port) == 0)
+        if self._ev.xenevtchn_notify(self._evh, port) != 0:
+            check_result("xenevtchn_notify", False)

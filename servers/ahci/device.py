@@ -164,6 +164,15 @@ class AhciDevice(PciDevice):
         if not self._past_ports(index, offset):
             super().region_write(index, offset, data)
 
+    def region_read_int(self, index: int, offset: int, size: int) -> int:
+        if self._past_ports(index, offset):
+            return 0
+        return super().region_read_int(index, offset, size)
+
+    def region_write_int(self, index: int, offset: int, size: int, value: int) -> None:
+        if not self._past_ports(index, offset):
+            super().region_write_int(index, offset, size, value)
+
     # -- migration: state beyond the registers ------------------------------------------
     def save_state(self) -> bytes:
         """Per port: halt/SRST flags and the drive's settings (work was drained by STOP)."""

@@ -136,6 +136,25 @@ class PciDevice(Device):
                 return regs.read(offset, count)
             return self.bar_read(index, offset, count)
 
+    def region_read_int(self, index: int, offset: int, size: int) -> int:
+        with self.lock:
+            regs = self.regfiles.get(index)
+            msix = self.msix
+            if regs is not None and (msix is None or not (msix.bar == index or
+                                                          msix.pba_bar == index)):
+                return regs.read_int(offset, size)
+        return super().region_read_int(index, offset, size)
+
+    def region_write_int(self, index: int, offset: int, size: int, value: int) -> None:
+        with self.lock:
+            regs = self.regfiles.get(index)
+            msix = self.msix
+            if regs is not None and (msix is None or not (msix.bar == index or
+                                                          msix.pba_bar == index)):
+                regs.write_int(offset, size, value)
+                return
+        super().region_write_int(index, offset, size, value)
+
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         with self.lock:
             regs = self.regfiles.get(index)

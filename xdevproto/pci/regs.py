@@ -234,6 +234,21 @@ class RegisterFile:
             return self._read_slot(n).to_bytes(count, "little")
         return self._read_bytes(offset, count)
 
+    def read_int(self, offset: int, count: int) -> int:
+        """:meth:`read` as a little-endian number."""
+        n = self._exact.get(offset << 4 | count) if count <= 8 else None
+        if n is not None:
+            return self._read_slot(n)
+        return int.from_bytes(self._read_bytes(offset, count), "little")
+
+    def write_int(self, offset: int, count: int, value: int) -> None:
+        """:meth:`write` of ``value`` as ``count`` little-endian bytes."""
+        n = self._exact.get(offset << 4 | count) if count <= 8 else None
+        if n is not None:
+            self._write_slot(n, value, self._slots[n].full)
+            return
+        self._write_bytes(offset, value.to_bytes(count, "little"))
+
     def write(self, offset: int, data: bytes) -> None:
         """A guest write of ``data`` at ``offset`` (any alignment)."""
         count = len(data)

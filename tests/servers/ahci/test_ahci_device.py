@@ -569,6 +569,11 @@ def test_registers_past_the_ports_are_reserved(image: Path) -> None:
         d.pwr(3, 0x00, 0x12345000)
         d.pwr(3, PxCMD, 0x11)
         assert d.prd(3, 0x00) == 0 and d.prd(3, PxCMD) == 0 and d.prd(1, PxSSTS) == 0
+        # The same as numbers, as bridge.direct accesses them.
+        port3 = 0x100 + 3 * 0x80
+        d.dev.region_write_int(5, port3 + PxCMD, 4, 0x11)
+        assert d.dev.region_read_int(5, port3 + PxCMD, 4) == 0
+        assert d.dev.region_read_int(5, 0x100 + PxCMD, 4) == d.prd(0, PxCMD) != 0
     finally:
         d.close()
 

@@ -53,3 +53,43 @@ def test_any_access_sequence_keeps_the_rules(ops: list[tuple[int, int, int, byte
     dev.reset()
     assert dev.region_read(CFG, 0, 0x40) == SampleDevice().region_read(CFG, 0, 0x40)
     dev.close()
+
+
+int_access = st.tuples(
+    st.sampled_from(sorted(SIZES)),
+    # Mostly the first registers, where an aligned access is a register's.
+    st.one_of(st.integers(0, 0x3FFF), st.integers(0, 0x47)),
+    st.sampled_from([1, 2, 4, 8]),
+    st.integers(0, (1 << 64) - 1),
+    st.booleans(),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(int_access, max_size=40))
+def test_number_accesses_match_byte_accesses(ops: list[tuple[int, int, int, int, bool]]) -> None:
+    """region_read_int/region_write_int (the direct ioreq path) do what
+    region_read/region_write do with the same bytes, on every region:
+    registers, plain BAR, MSI-X table and PBA, config space."""
+    by_bytes, by_int = SampleDevice(), SampleDevice()
+    try:
+        for region, off, n, value, write in ops:
+            off = (off * n if off < 0x48 else off) % (SIZES[region] - n + 1)
+            value &= (1 << (8 * n)) - 1
+            outcomes = []
+            for dev, as_int in ((by_bytes, False), (by_int, True)):
+                try:
+                    if write and as_int:
+                        dev.region_write_int(region, off, n, value)
+                    elif write:
+                        dev.region_write(region, off, value.to_bytes(n, "little"))
+                    got = (dev.region_read_int(region, off, n) if as_int else
+                           int.from_bytes(dev.region_read(region, off, n), "little"))
+                    outcomes.append(got)
+                except DeviceError as exc:
+                    outcomes.append(type(exc))
+            assert outcomes[0] == outcomes[1], (region, hex(off), n, write)
+        assert by_bytes.region_read(0, 0, 0x100) == by_int.region_read(0, 0, 0x100)
+    finally:
+        by_bytes.close()
+        by_int.close()
