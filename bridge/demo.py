@@ -119,8 +119,11 @@ def print_report(serial: str, results: str, serve_log: str) -> bool:
     print(f"{at('ahci-driver')} 00:05.0 driver: {val('ahci-driver')}, interrupts: "
           f"{val('ahci-irq')}")
     checks.append(("ahci driver bound", val("ahci-driver") == "ahci"))
-    print(f"{at('disk')} disk: {val('disk')}" + (f"; cdrom: {val('cdrom')}" if "cdrom" in g
-                                                  else ""))
+    print(f"{at('disk')} disk: {val('disk')}")
+    cd_ok = val("cdrom-sha") == ds.cd_sha256()
+    checks.append(("CD drive read", cd_ok))
+    print(f"{at('cdrom')} CD drive: {val('cdrom')}; its 1 MiB: "
+          f"{'matches the ISO' if cd_ok else 'WRONG ' + val('cdrom-sha')}")
     pattern_ok = val("pattern") == ds.pattern_sha256()
     checks.append(("pattern read", pattern_ok))
     print(f"{at('pattern')} read dom0's 1 MiB pattern at {ds.PATTERN_MB} MiB: "

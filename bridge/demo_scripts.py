@@ -49,6 +49,33 @@ def pattern_sha256() -> str:
     return hashlib.sha256(pattern_block()).hexdigest()
 
 
+CD_VOLUME = "XDEV_DEMO_CD"
+CD_SECTORS = 512  # 1 MiB of 2048-byte sectors
+
+
+def cd_image() -> bytes:
+    """The demo's CD: an ISO 9660 volume's descriptors (ECMA-119 8.4, 8.3:
+    the primary volume descriptor at sector 16 naming :data:`CD_VOLUME`
+    and the volume's size, the set terminator at 17) and sectors naming
+    their number after them, so a misplaced one shows."""
+    pvd = bytearray(2048)
+    pvd[0:7] = b"\x01CD001\x01"
+    pvd[8:40] = b" " * 32  # system identifier
+    pvd[40:72] = CD_VOLUME.encode().ljust(32)
+    pvd[80:88] = CD_SECTORS.to_bytes(4, "little") + CD_SECTORS.to_bytes(4, "big")
+    pvd[120:124] = b"\x01\x00\x00\x01"  # volume set size, both byte orders
+    pvd[124:128] = b"\x01\x00\x00\x01"  # volume sequence number
+    pvd[128:132] = b"\x00\x08\x08\x00"  # logical block size 2048
+    pvd[881] = 1  # file structure version
+    terminator = b"\xffCD001\x01".ljust(2048, b"\0")
+    data = b"".join((b"xdev cd sector %06d;" % n * 100)[:2048] for n in range(18, CD_SECTORS))
+    return bytes(16 * 2048) + bytes(pvd) + terminator + data
+
+
+def cd_sha256() -> str:
+    return hashlib.sha256(cd_image()).hexdigest()
+
+
 def file_block(index: int, block: int) -> bytes:
     """Block ``block`` of the guest's file ``index``: 4 KiB naming both."""
     name = b"xdev file %02d block %02d;" % (index, block)
@@ -180,18 +207,23 @@ irq() {{ if [ -n "$(ls "$1/msi_irqs" 2>/dev/null)" ]; then echo msi; else echo i
 say ahci-driver "$(drv $ahci)"
 disk=; cd=
 i=0
-while [ -z "$disk" ] && [ $i -lt 60 ]; do
+# The disk, and the CD drive on the next port (given 20 s more to show).
+while [ $i -lt 60 ] && {{ [ -z "$disk" ] || {{ [ -z "$cd" ] && [ $i -lt 20 ]; }}; }}; do
     for b in $ahci/ata*/host*/target*/*/block/*; do
         n=${{b##*/}}
         case $n in sd*) disk=$n ;; sr*) cd=$n ;; esac
     done
-    [ -n "$disk" ] || sleep 1
+    [ -n "$disk" ] && [ -n "$cd" ] || sleep 1
     i=$((i+1))
 done
 say ahci-irq "$(irq $ahci) $(grep -m1 ahci /proc/interrupts | tr -s ' ' | cut -d' ' -f2-3)"
 if [ -n "$disk" ]; then
     say disk "$disk $(( $(cat /sys/block/$disk/size) / 2048 )) MiB"
-    [ -n "$cd" ] && say cdrom "$cd $(dd if=/dev/$cd bs=2048 count=1 2>/dev/null | head -c 24)"
+    if [ -n "$cd" ]; then
+        say cdrom "$cd $(( $(cat /sys/block/$cd/size) / 4 )) sectors, volume \
+$(dd if=/dev/$cd bs=2048 skip=16 count=1 2>/dev/null | dd bs=1 skip=40 count=32 2>/dev/null)"
+        say cdrom-sha "$(dd if=/dev/$cd bs=64k count=16 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    fi
     say pattern "$(dd if=/dev/$disk bs=1M skip={PATTERN_MB} count=1 iflag=direct 2>/dev/null \
         | sha256sum | cut -d' ' -f1)"
     dd if=/dev/urandom of=/tmp/w.bin bs=1M count=1 2>/dev/null
@@ -263,6 +295,7 @@ export PYTHONPYCACHEPREFIX=/var/cache/xdev-pycache PYTHONFAULTHANDLER=1
 R="$XDEV_RUN"
 res() {{ echo "$*" >> "$R/results.txt"; }}
 IMG=/var/lib/xdev/images/demo.img
+ISO=/var/lib/xdev/images/demo.iso
 # Byte code for every module the daemons import, written once into a cache
 # that the sandboxed units can read (their /tmp is private, and with a
 # pycache prefix even the standard library would be compiled at each start).
@@ -276,6 +309,8 @@ res "pattern-written $(dd if="$IMG" bs=1M skip={PATTERN_MB} count=1 2>/dev/null 
     | sha256sum | cut -d' ' -f1)"
 python3 -c 'import sys; from bridge.demo_scripts import files_source as f; \
 sys.stdout.buffer.write(f())' | dd of="$IMG" bs=1M seek={FILES_MB} conv=notrunc 2>/dev/null
+python3 -c 'import sys; from bridge.demo_scripts import cd_image as c; \
+sys.stdout.buffer.write(c())' > "$ISO"
 
 if [ "$XDEV_LAUNCHER" = systemd ]; then
     mkdir -p /usr/local/lib/xdev/bin
@@ -308,6 +343,7 @@ marker = "{MARKER}"
 timeout_s = ${{XDEV_GUEST_TIMEOUT:-900}}
 [disk]
 image = "$IMG"
+cdrom = "$ISO"
 engine = "${{XDEV_AHCI_ENGINE:-native}}"
 log_level = "${{XDEV_AHCI_LOG_LEVEL:-info}}"
 [nic]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -131,6 +133,22 @@ def test_pattern_names_its_offsets() -> None:
     block = demo_scripts.pattern_block()
     assert len(block) == 1 << 20
     assert block[0x1230:0x1240] == b"xdev000000001230"
+
+
+def test_cd_image_is_an_iso9660_volume_of_numbered_sectors(tmp_path: Path) -> None:
+    cd = demo_scripts.cd_image()
+    assert len(cd) == demo_scripts.CD_SECTORS * 2048
+    pvd = cd[16 * 2048:17 * 2048]
+    assert pvd[:7] == b"\x01CD001\x01" and cd[17 * 2048:17 * 2048 + 7] == b"\xffCD001\x01"
+    assert pvd[40:72].rstrip() == demo_scripts.CD_VOLUME.encode()
+    assert int.from_bytes(pvd[80:84], "little") == demo_scripts.CD_SECTORS
+    assert cd[300 * 2048:300 * 2048 + 22] == b"xdev cd sector 000300;"
+    if shutil.which("blkid"):  # util-linux: what Linux's own probing makes of it
+        path = tmp_path / "cd.iso"
+        path.write_bytes(cd)
+        out = subprocess.run(["blkid", "-p", "-o", "export", str(path)], capture_output=True,
+                             text=True, check=True).stdout
+        assert "TYPE=iso9660" in out and f"LABEL={demo_scripts.CD_VOLUME}" in out
 
 
 def test_files_check_names_each_wrong_block_and_what_it_holds() -> None:

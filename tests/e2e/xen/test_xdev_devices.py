@@ -69,6 +69,8 @@ def _check(result: RunResult, irq: str) -> None:
     assert g.get("ahci-driver") == "ahci", where
     assert g.get("ahci-irq", "").split()[:1] == [irq], where
     assert g.get("pattern") == ds.pattern_sha256(), where
+    assert g.get("cdrom", "").startswith("sr") and ds.CD_VOLUME in g["cdrom"], where
+    assert g.get("cdrom-sha") == ds.cd_sha256(), where
     assert len(g.get("wrote", "")) == 64 and g["wrote"] == g.get("readback"), where
     assert g.get("mkfs", "").startswith("0") and g.get("mount") == "0", where
     assert g.get("files-source") == hashlib.sha256(ds.files_source()).hexdigest(), where
