@@ -41,11 +41,11 @@ def xen_host_present() -> bool:
 def demo_guest(*, nomsi: bool = False, name: str = GUEST_NAME) -> object:
     """The demo's HVM guest (an emuhost HvmGuest): drivers, e2fs tools, the checks."""
     from bridge.emuhost import HvmGuest
+    from bridge.emuhost.guest import DEFAULT_CMDLINE
 
-    cmdline = "console=ttyS0 quiet no_timer_check tsc=reliable"
     return HvmGuest(
         name=name, init_script=ds.GUEST_INIT,
-        cmdline=cmdline + (" pci=nomsi" if nomsi else ""),
+        cmdline=DEFAULT_CMDLINE + (" pci=nomsi" if nomsi else ""),
         modules=("ahci", "sd_mod", "sr_mod", "e1000", "crc32c_generic", "ext4"),
         files=ds.e2fs_files(),
     )
