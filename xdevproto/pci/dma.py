@@ -286,7 +286,8 @@ class GuestMemory:
 
     # -- accesses ----------------------------------------------------------------------------
     def _fast(self, addr: int, length: int) -> _Mapped | None:
-        """The fd-mapped region holding all of [addr, addr+length), if one does.
+        """The region holding all of [addr, addr+length), if one does and the
+        access is short; callers copy at once if it is fd-mapped.
 
         Call with ``_lock`` held: a copy made under it needs no pin, since
         unmap takes the lock to remove the region.
@@ -295,9 +296,49 @@ class GuestMemory:
         if i < 0 or length > FAST_COPY_MAX:
             return None
         e = self._regions[i]
-        if e.view is None or addr + length > e.end or length < 0:
+        if addr + length > e.end or length < 0:
             return None
         return e
+
+    def _direct(self, e: _Mapped | None, length: int, write: bool) -> DeviceContext | None:
+        """The context, when region ``e`` (from :meth:`_fast`) has no fd,
+        allows the access and the runtime reaches guest memory itself
+        (``ctx.direct``): a short access (a command header, a FIS) then goes
+        straight to it in one call, without the pieces and accounting a DMA
+        message needs (it never waits on the peer). Call with ``_lock`` held."""
+        ctx = self.ctx
+        if e is None or e.view is not None or ctx is None or not ctx.direct \
+                or not (e.writable if write else e.readable) \
+                or length > ctx.max_data_xfer_size:
+            return None
+        return ctx
+
+    def _direct_sg(self, sg: Sequence[SgEntry], write: bool) -> DeviceContext | None:
+        """:meth:`_direct` for a scatter-gather list: the context when every
+        entry lies in one region without an fd that allows the access."""
+        ctx = self.ctx
+        if ctx is None or not ctx.direct:
+            return None
+        starts, regions = self._starts, self._regions
+        with self._lock:
+            for e in sg:
+                i = bisect.bisect(starts, e.addr) - 1
+                if i < 0:
+                    return None
+                r = regions[i]
+                if r.view is not None or e.length < 0 or e.addr + e.length > r.end \
+                        or not (r.writable if write else r.readable):
+                    return None
+        return ctx
+
+    @staticmethod
+    def _direct_call(fn: Callable[[int, A], T], addr: int, arg: A) -> T:
+        try:
+            return fn(addr, arg)
+        except DmaError:
+            raise
+        except VfioUserError as exc:
+            raise DmaError(f"DMA failed: {exc}", exc.errno or errno.EFAULT) from None
 
     def read(self, addr: int, length: int) -> bytes:
         """Copy ``length`` bytes of guest memory at ``addr``."""
@@ -306,6 +347,12 @@ class GuestMemory:
             if e is not None and e.readable and e.view is not None:
                 off = addr - e.iova
                 return e.view[off:off + length].tobytes()
+            direct = self._direct(e, length, False)
+        if direct is not None:
+            data = self._direct_call(direct.dma_read, addr, length)
+            if len(data) != length:
+                raise DmaError(f"DMA read at {addr:#x} returned {len(data)} of {length} bytes")
+            return data
         buf = bytearray(length)
         self.readinto(addr, buf)
         return bytes(buf)
@@ -319,6 +366,13 @@ class GuestMemory:
                 off = addr - e.iova
                 out[:] = e.view[off:off + len(out)]
                 return
+            direct = self._direct(e, len(out), False)
+        if direct is not None:
+            data = self._direct_call(direct.dma_read, addr, len(out))
+            if len(data) != len(out):
+                raise DmaError(f"DMA read at {addr:#x} returned {len(data)} of {len(out)} bytes")
+            out[:] = data
+            return
         with self._pin(addr, len(out), False) as pieces:
             for p in pieces:
                 dst = out[p.pos:p.pos + p.length]
@@ -339,6 +393,10 @@ class GuestMemory:
                 if e.dirty is not None:
                     self._mark(e, off, len(src))
                 return
+            direct = self._direct(e, len(src), True)
+        if direct is not None:
+            self._direct_call(direct.dma_write, addr, src)
+            return
         with self._pin(addr, len(src), True) as pieces:
             for p in pieces:
                 chunk = src[p.pos:p.pos + p.length]
@@ -501,6 +559,9 @@ class GuestMemory:
         """One system call for ``sg`` if all of it is fd-mapped (or the
         runtime reaches all of it itself, see DeviceContext.file_io), else
         None (before any byte moved). ``flags`` as for ``os.preadv``."""
+        direct = self._direct_sg(sg, to_guest)
+        if direct is not None:
+            return direct.file_io(fd, [(e.addr, e.length) for e in sg], offset, to_guest, flags)
         with self._pin_sg(sg, to_guest) as pieces:
             if any(p.entry.view is None for p in pieces):
                 if self.ctx is None or any(p.entry.view is not None for p in pieces):

@@ -233,6 +233,41 @@ def test_file_io_through_the_runtime_when_no_region_has_an_fd(
         assert ctx.file_calls == []
 
 
+def test_short_accesses_go_straight_to_a_runtime_that_maps_the_guest(
+        gm: GuestMemory) -> None:
+    """Regions without an fd, with a runtime that maps the guest: a short
+    read or write inside one region is one dma_read/dma_write call, also
+    under nowait(); region bounds and permissions are still checked before
+    the runtime is asked, and its errors become DmaError."""
+    ctx = DirectContext(8 * PAGE, 4 * PAGE)
+    gm.ctx = ctx
+    gm.map(DmaRegion(8 * PAGE, 2 * PAGE, True, True))
+    gm.map(DmaRegion(10 * PAGE, 2 * PAGE, True, False))  # read-only
+    with gm.nowait():
+        gm.write(8 * PAGE + 10, b"header!!")
+        assert gm.read(8 * PAGE + 10, 8) == b"header!!"
+        buf = bytearray(4)
+        gm.readinto(8 * PAGE + 12, buf)
+    assert buf == b"ader"
+    assert ctx.messages == [("write", 8 * PAGE + 10, 8), ("read", 8 * PAGE + 10, 8),
+                            ("read", 8 * PAGE + 12, 4)]
+    ctx.messages.clear()
+    with pytest.raises(DmaError):
+        gm.write(10 * PAGE, b"x")  # read-only region
+    with pytest.raises(DmaError):
+        gm.read(12 * PAGE - 2, 4)  # past the last region
+    assert ctx.messages == []
+    # Across the two regions: the piecewise path, within the runtime's limit per call.
+    assert gm.read(10 * PAGE - 2, 4) == bytes(4)
+    assert ctx.messages == [("read", 10 * PAGE - 2, 2), ("read", 10 * PAGE, 2)]
+    ctx.messages.clear()
+    assert len(gm.read(8 * PAGE, 1500)) == 1500  # beyond max_data_xfer_size: in pieces
+    assert ctx.messages == [("read", 8 * PAGE, 1000), ("read", 8 * PAGE + 1000, 500)]
+    ctx.fail = True
+    with pytest.raises(DmaError):
+        gm.read(8 * PAGE, 4)
+
+
 def _nowait_reads(fd: int) -> bool:
     """Whether reads inside nowait() can succeed here: the file system
     answers RWF_NOWAIT reads, or keeps its data in memory (tmpfs, which
