@@ -204,8 +204,8 @@ def server_argv(plan: Plan, kind: str) -> list[str]:
     engine += _log_level(plan, kind)
     if chosen == "native" and plan.foreign_dma:
         # Root in dom0 may map the guest: DMA without messages through the
-        # bridge. Asked for only: runs with it have still corrupted a file
-        # block now and then under the emulated host (docs/xdev-demo.md).
+        # bridge. Asked for only, until its clean record on the mended
+        # emulated host is longer (docs/xdev-demo.md).
         engine.append("--xen-foreign-dma")
     if chosen == "native" and plan.direct_ioreq:
         # The guest's BAR accesses straight from Xen, not through the bridge.
