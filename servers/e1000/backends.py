@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from . import mmsg
+
 log = logging.getLogger(__name__)
 
 MAX_FRAME = 65536 + 4  # QEMU's NET_BUFSIZE-sized frames; anything larger is an error
@@ -283,11 +285,20 @@ class DgramBackend(Backend):
         self._rbuf = memoryview(bytearray(MAX_FRAME))
         self.sock.setblocking(False)
         self.remote = _resolve(remote)[1] if remote else None
+        self._batch = mmsg.batch_reader(self.sock)
 
     def _receive(self, timeout: float) -> list[bytes]:
-        # Once the peer is known, recv: it builds no address, unlike recvfrom.
-        read = self.sock.recv_into if self.remote is not None else self._recv_learning
-        return _drain(read, self.sock.fileno(), timeout, self._rbuf)
+        fd = self.sock.fileno()
+        if self.remote is None:
+            return _drain(self._recv_learning, fd, timeout, self._rbuf)
+        if self._batch is None:
+            # recv: it builds no address, unlike recvfrom.
+            return _drain(self.sock.recv_into, fd, timeout, self._rbuf)
+        # Once the peer is known, a batch per system call (recvmmsg).
+        frames = self._batch.read(RX_BATCH)
+        if frames or not _readable(fd, timeout):
+            return frames
+        return self._batch.read(RX_BATCH)
 
     def _recv_learning(self, buf: memoryview) -> int:
         n, peer = self.sock.recvfrom_into(buf)
