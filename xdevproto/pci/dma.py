@@ -332,13 +332,22 @@ class GuestMemory:
         return ctx
 
     @staticmethod
-    def _direct_call(fn: Callable[[int, A], T], addr: int, arg: A) -> T:
+    def _ask(fn: Callable[[int, A], T], addr: int, arg: A) -> T:
+        """The runtime's dma_read/dma_write; a refusal becomes a DmaError the
+        device can report."""
         try:
             return fn(addr, arg)
         except DmaError:
             raise
         except VfioUserError as exc:
-            raise DmaError(f"DMA failed: {exc}", exc.errno or errno.EFAULT) from None
+            raise DmaError(f"DMA through the runtime failed: {exc}",
+                           exc.errno or errno.EFAULT) from None
+
+    @staticmethod
+    def _whole(data: bytes, addr: int, length: int) -> bytes:
+        if len(data) != length:
+            raise DmaError(f"DMA read at {addr:#x} returned {len(data)} of {length} bytes")
+        return data
 
     def read(self, addr: int, length: int) -> bytes:
         """Copy ``length`` bytes of guest memory at ``addr``."""
@@ -349,10 +358,7 @@ class GuestMemory:
                 return e.view[off:off + length].tobytes()
             direct = self._direct(e, length, False)
         if direct is not None:
-            data = self._direct_call(direct.dma_read, addr, length)
-            if len(data) != length:
-                raise DmaError(f"DMA read at {addr:#x} returned {len(data)} of {length} bytes")
-            return data
+            return self._whole(self._ask(direct.dma_read, addr, length), addr, length)
         buf = bytearray(length)
         self.readinto(addr, buf)
         return bytes(buf)
@@ -368,10 +374,7 @@ class GuestMemory:
                 return
             direct = self._direct(e, len(out), False)
         if direct is not None:
-            data = self._direct_call(direct.dma_read, addr, len(out))
-            if len(data) != len(out):
-                raise DmaError(f"DMA read at {addr:#x} returned {len(data)} of {len(out)} bytes")
-            out[:] = data
+            out[:] = self._whole(self._ask(direct.dma_read, addr, len(out)), addr, len(out))
             return
         with self._pin(addr, len(out), False) as pieces:
             for p in pieces:
@@ -395,7 +398,7 @@ class GuestMemory:
                 return
             direct = self._direct(e, len(src), True)
         if direct is not None:
-            self._direct_call(direct.dma_write, addr, src)
+            self._ask(direct.dma_write, addr, src)
             return
         with self._pin(addr, len(src), True) as pieces:
             for p in pieces:
@@ -411,11 +414,8 @@ class GuestMemory:
         ctx = self._context()
         step = max(1, ctx.max_data_xfer_size)
         for pos in range(0, len(out), step):
-            n = min(step, len(out) - pos)
-            data = self._message(ctx.dma_read, iova + pos, n)
-            if len(data) != n:
-                raise DmaError(f"DMA_READ at {iova + pos:#x} returned {len(data)} of {n} bytes")
-            out[pos:pos + n] = data
+            n, at = min(step, len(out) - pos), iova + pos
+            out[pos:pos + n] = self._whole(self._message(ctx.dma_read, at, n), at, n)
 
     def _msg_write(self, iova: int, src: memoryview) -> None:
         ctx = self._context()
@@ -444,11 +444,7 @@ class GuestMemory:
         with self._lock:
             self.in_message += 1
         try:
-            return fn(addr, arg)
-        except DmaError:
-            raise
-        except VfioUserError as exc:
-            raise DmaError(f"message DMA failed: {exc}", exc.errno or errno.EFAULT) from None
+            return self._ask(fn, addr, arg)
         finally:
             with self._lock:
                 self.in_message -= 1
