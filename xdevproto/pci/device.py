@@ -90,6 +90,11 @@ class PciDevice(Device):
                     raise ValueError(f"BAR{bar.index}: registers larger than the BAR")
                 self.regfiles[bar.index] = RegisterFile(
                     bar.regs, self, self.log.getChild(f"BAR{bar.index}"), f"BAR{bar.index}")
+        # The register files that own their whole BAR (no MSI-X table or PBA
+        # in it): a guest access there goes straight to them.
+        msix = self.msix
+        self._plain_regs = {i: r for i, r in self.regfiles.items()
+                            if msix is None or i not in (msix.bar, msix.pba_bar)}
 
     # -- description ---------------------------------------------------------------------
     def region(self, index: int) -> RegionDesc:
@@ -116,11 +121,11 @@ class PciDevice(Device):
     # -- accesses ------------------------------------------------------------------------
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         with self.lock:
+            plain = self._plain_regs.get(index)
+            if plain is not None:
+                return plain.read(offset, count)
             regs = self.regfiles.get(index)
             msix = self.msix
-            if regs is not None and (msix is None or not (msix.bar == index or
-                                                          msix.pba_bar == index)):
-                return regs.read(offset, count)
             if index == PciRegion.CONFIG:
                 return self.config.read(offset, count)
             if index == PciRegion.ROM:
@@ -138,31 +143,27 @@ class PciDevice(Device):
 
     def region_read_int(self, index: int, offset: int, size: int) -> int:
         with self.lock:
-            regs = self.regfiles.get(index)
-            msix = self.msix
-            if regs is not None and (msix is None or not (msix.bar == index or
-                                                          msix.pba_bar == index)):
-                return regs.read_int(offset, size)
+            plain = self._plain_regs.get(index)
+            if plain is not None:
+                return plain.read_int(offset, size)
         return super().region_read_int(index, offset, size)
 
     def region_write_int(self, index: int, offset: int, size: int, value: int) -> None:
         with self.lock:
-            regs = self.regfiles.get(index)
-            msix = self.msix
-            if regs is not None and (msix is None or not (msix.bar == index or
-                                                          msix.pba_bar == index)):
-                regs.write_int(offset, size, value)
+            plain = self._plain_regs.get(index)
+            if plain is not None:
+                plain.write_int(offset, size, value)
                 return
         super().region_write_int(index, offset, size, value)
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         with self.lock:
+            plain = self._plain_regs.get(index)
+            if plain is not None:
+                plain.write(offset, data)
+                return
             regs = self.regfiles.get(index)
             msix = self.msix
-            if regs is not None and (msix is None or not (msix.bar == index or
-                                                          msix.pba_bar == index)):
-                regs.write(offset, data)
-                return
             if index == PciRegion.CONFIG:
                 self.config.write(offset, data)
                 return
