@@ -285,20 +285,23 @@ class GuestMemory:
         return self.ctx
 
     # -- accesses ----------------------------------------------------------------------------
+    def _region(self, addr: int, length: int) -> _Mapped | None:
+        """The region holding all of [addr, addr+length), if one does
+        (``_lock`` held)."""
+        i = bisect.bisect(self._starts, addr) - 1
+        if i < 0 or length < 0:
+            return None
+        e = self._regions[i]
+        return e if addr + length <= e.end else None
+
     def _fast(self, addr: int, length: int) -> _Mapped | None:
-        """The region holding all of [addr, addr+length), if one does and the
-        access is short; callers copy at once if it is fd-mapped.
+        """:meth:`_region` for a short access; callers copy at once if it is
+        fd-mapped.
 
         Call with ``_lock`` held: a copy made under it needs no pin, since
         unmap takes the lock to remove the region.
         """
-        i = bisect.bisect(self._starts, addr) - 1
-        if i < 0 or length > FAST_COPY_MAX:
-            return None
-        e = self._regions[i]
-        if addr + length > e.end or length < 0:
-            return None
-        return e
+        return self._region(addr, length) if length <= FAST_COPY_MAX else None
 
     def _direct(self, e: _Mapped | None, length: int, write: bool) -> DeviceContext | None:
         """The context, when region ``e`` (from :meth:`_fast`) has no fd,
@@ -314,20 +317,13 @@ class GuestMemory:
         return ctx
 
     def _direct_sg(self, sg: Sequence[SgEntry], write: bool) -> DeviceContext | None:
-        """:meth:`_direct` for a scatter-gather list: the context when every
-        entry lies in one region without an fd that allows the access."""
-        ctx = self.ctx
-        if ctx is None or not ctx.direct:
-            return None
-        starts, regions = self._starts, self._regions
+        """:meth:`_direct` for a scatter-gather list (one ``file_io`` call, no
+        size limit): the context when every entry lies in one such region."""
+        ctx = None
         with self._lock:
             for e in sg:
-                i = bisect.bisect(starts, e.addr) - 1
-                if i < 0:
-                    return None
-                r = regions[i]
-                if r.view is not None or e.length < 0 or e.addr + e.length > r.end \
-                        or not (r.writable if write else r.readable):
+                ctx = self._direct(self._region(e.addr, e.length), 0, write)
+                if ctx is None:
                     return None
         return ctx
 

@@ -229,34 +229,34 @@ class RegisterFile:
     # -- guest accesses ---------------------------------------------------------------
     def read(self, offset: int, count: int) -> bytes:
         """A guest read of ``count`` bytes at ``offset`` (any alignment)."""
-        n = self._exact.get(offset << 4 | count) if count <= 8 else None
-        if n is not None:
-            return self._read_slot(n).to_bytes(count, "little")
+        if count <= 8:
+            return self.read_int(offset, count).to_bytes(count, "little")
         return self._read_bytes(offset, count)
 
+    def write(self, offset: int, data: bytes) -> None:
+        """A guest write of ``data`` at ``offset`` (any alignment)."""
+        if len(data) <= 8:
+            self.write_int(offset, len(data), int.from_bytes(data, "little"))
+        else:
+            self._write_bytes(offset, data)
+
+    # The number forms are the register accesses proper (bridge.direct calls
+    # them, the byte forms above wrap them): one register exactly, or the
+    # bytes it spans.
     def read_int(self, offset: int, count: int) -> int:
-        """:meth:`read` as a little-endian number."""
+        """:meth:`read` of 1-8 bytes as a little-endian number."""
         n = self._exact.get(offset << 4 | count) if count <= 8 else None
         if n is not None:
             return self._read_slot(n)
         return int.from_bytes(self._read_bytes(offset, count), "little")
 
     def write_int(self, offset: int, count: int, value: int) -> None:
-        """:meth:`write` of ``value`` as ``count`` little-endian bytes."""
+        """:meth:`write` of ``value`` as ``count`` (1-8) little-endian bytes."""
         n = self._exact.get(offset << 4 | count) if count <= 8 else None
         if n is not None:
             self._write_slot(n, value, self._slots[n].full)
             return
         self._write_bytes(offset, value.to_bytes(count, "little"))
-
-    def write(self, offset: int, data: bytes) -> None:
-        """A guest write of ``data`` at ``offset`` (any alignment)."""
-        count = len(data)
-        n = self._exact.get(offset << 4 | count) if count <= 8 else None
-        if n is not None:
-            self._write_slot(n, int.from_bytes(data, "little"), self._slots[n].full)
-            return
-        self._write_bytes(offset, data)
 
     def _check(self, offset: int, count: int) -> int:
         """The end of the declared part of the access (the BAR may be larger
