@@ -37,7 +37,7 @@ from bridge.xen.backend import XenBackend
 from bridge.xen.errors import XenError
 from bridge.xen.guestmem import GuestMemory
 from bridge.xen.ioreq_server import IoreqServer
-from xdevproto.device import Device
+from xdevproto.device import Device, IntReader, IntWriter
 from xdevproto.errors import DeviceError
 from xdevproto.wire import IoreqRange, IoreqServe, PciRegion
 
@@ -46,46 +46,52 @@ log = logging.getLogger(__name__)
 KIND = "xen"
 
 
+# A range's end and its region's accessors.
+_Bound = tuple[int, IntReader, IntWriter]
+
+
 def offer(domid: int) -> dict[str, Any]:
     return {"kind": KIND, "domid": domid}
 
 
 class _DeviceIo:
-    """The ioreq server's handler: guest addresses to the device's regions."""
+    """The ioreq server's handler: guest addresses to the device's regions.
+
+    Every BAR access of the guest comes through here, so the ranges are
+    kept as the loop wants them: per kind (MMIO or ports), the starts for
+    one bisect and, beside each, its end and the region's number accessors
+    (Device.region_int_access), looked up when the ranges change."""
 
     def __init__(self, device: Device) -> None:
         self.device = device
-        # Per kind (True: MMIO, False: ports), sorted by start, and the starts.
-        self._tables: dict[bool, tuple[list[int], list[IoreqRange]]] = \
+        self._tables: dict[bool, tuple[list[int], list[_Bound]]] = \
             {True: ([], []), False: ([], [])}
 
     def set_ranges(self, ranges: tuple[IoreqRange, ...]) -> None:
-        tables: dict[bool, tuple[list[int], list[IoreqRange]]] = {}
+        tables: dict[bool, tuple[list[int], list[_Bound]]] = {}
         for mmio in (True, False):
             ordered = sorted((r for r in ranges if r.mmio == mmio), key=lambda r: r.start)
-            tables[mmio] = ([r.start for r in ordered], ordered)
+            tables[mmio] = ([r.start for r in ordered],
+                            [(r.start + r.size, *self.device.region_int_access(r.region))
+                             for r in ordered])
         self._tables = tables  # one assignment: the serving thread sees old or new
 
-    def _find(self, mmio: bool, addr: int, size: int) -> IoreqRange | None:
-        """The range holding all of [addr, addr+size) (every BAR access of the
-        guest comes through here: one bisect on plain starts)."""
-        starts, ranges = self._tables[mmio]
-        i = bisect.bisect_right(starts, addr) - 1
-        if i < 0:
-            return None
-        r = ranges[i]
-        return r if addr + size <= r.start + r.size else None
-
     def _read(self, mmio: bool, addr: int, size: int) -> int:
-        r = self._find(mmio, addr, size)
-        if r is None:
-            return (1 << (8 * size)) - 1
-        return self.device.region_read_int(r.region, addr - r.start, size)
+        starts, bound = self._tables[mmio]
+        i = bisect.bisect_right(starts, addr) - 1
+        if i >= 0:
+            end, read, _ = bound[i]
+            if addr + size <= end:
+                return read(addr - starts[i], size)
+        return (1 << (8 * size)) - 1  # nobody's: as if unanswered
 
     def _write(self, mmio: bool, addr: int, size: int, value: int) -> None:
-        r = self._find(mmio, addr, size)
-        if r is not None:
-            self.device.region_write_int(r.region, addr - r.start, size, value)
+        starts, bound = self._tables[mmio]
+        i = bisect.bisect_right(starts, addr) - 1
+        if i >= 0:
+            end, _, write = bound[i]
+            if addr + size <= end:
+                write(addr - starts[i], size, value)
 
     def mmio_read(self, addr: int, size: int) -> int:
         return self._read(True, addr, size)

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import abc
 import errno
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import DeviceError
@@ -117,6 +118,12 @@ class DeviceContext(abc.ABC):
         return None
 
 
+#: a region's register read, ``read(offset, size) -> value`` (Device.region_int_access)
+IntReader = Callable[[int, int], int]
+#: a region's register write, ``write(offset, size, value)``
+IntWriter = Callable[[int, int, int], None]
+
+
 class Device(abc.ABC):
     """A vfio-user device (vfio-user spec, "Device information" onwards)."""
 
@@ -154,6 +161,16 @@ class Device(abc.ABC):
     def region_write_int(self, index: int, offset: int, size: int, value: int) -> None:
         """:meth:`region_write` of ``value`` as ``size`` (1-8) little-endian bytes."""
         self.region_write(index, offset, value.to_bytes(size, "little"))
+
+    def region_int_access(self, index: int) -> tuple[IntReader, IntWriter]:
+        """:meth:`region_read_int` and :meth:`region_write_int` of region
+        ``index`` as ``read(offset, size)`` and ``write(offset, size,
+        value)``, for a caller that looks them up once and then calls them
+        per access (bridge.direct does, whenever the guest's ranges change).
+        Override to hand out something shorter; the pair serves as long as
+        the device does."""
+        return (functools.partial(self.region_read_int, index),
+                functools.partial(self.region_write_int, index))
 
     # -- client session --------------------------------------------------
     def attach(self, ctx: DeviceContext) -> None:

@@ -44,6 +44,9 @@ class AhciDevice(PciDevice):
         super().__init__()
         self.abar = self.regs(5)
         self.ports = [Port(self, i, d) for i, d in enumerate(drives)]
+        # The registers of ports past the last are reserved (AHCI 3.3).
+        self.reserve(5, R.PORT_BASE + R.PORT_STRIDE * len(self.ports),
+                     R.PORT_BASE + R.PORT_STRIDE * R.MAX_PORTS)
         self.device_reset()
 
     def close(self) -> None:
@@ -149,29 +152,6 @@ class AhciDevice(PciDevice):
             self.abar["PxCI", index] = old  # 3.3.14: ignored unless ST is set
             return
         port.issue(value & ~old)
-
-    # -- unimplemented ports (AHCI 3.3: their registers are reserved) ---------------
-    def _past_ports(self, index: int, offset: int) -> bool:
-        end = R.PORT_BASE + R.PORT_STRIDE * len(self.ports)
-        return index == 5 and end <= offset < R.PORT_BASE + R.PORT_STRIDE * R.MAX_PORTS
-
-    def region_read(self, index: int, offset: int, count: int) -> bytes:
-        if self._past_ports(index, offset):
-            return bytes(count)
-        return super().region_read(index, offset, count)
-
-    def region_write(self, index: int, offset: int, data: bytes) -> None:
-        if not self._past_ports(index, offset):
-            super().region_write(index, offset, data)
-
-    def region_read_int(self, index: int, offset: int, size: int) -> int:
-        if self._past_ports(index, offset):
-            return 0
-        return super().region_read_int(index, offset, size)
-
-    def region_write_int(self, index: int, offset: int, size: int, value: int) -> None:
-        if not self._past_ports(index, offset):
-            super().region_write_int(index, offset, size, value)
 
     # -- migration: state beyond the registers ------------------------------------------
     def save_state(self) -> bytes:

@@ -28,7 +28,16 @@ import threading
 from collections.abc import Sequence
 from typing import ClassVar, TypeVar
 
-from ..device import NO_REGION, Device, DeviceContext, DmaRegion, IrqDesc, RegionDesc
+from ..device import (
+    NO_REGION,
+    Device,
+    DeviceContext,
+    DmaRegion,
+    IntReader,
+    IntWriter,
+    IrqDesc,
+    RegionDesc,
+)
 from ..errors import DeviceError
 from ..wire import IrqIndex, IrqInfoFlags, MigrationFlags, MigState, PciRegion, RegionFlags
 from . import migration as mig
@@ -95,6 +104,44 @@ class PciDevice(Device):
         msix = self.msix
         self._plain_regs = {i: r for i, r in self.regfiles.items()
                             if msix is None or i not in (msix.bar, msix.pba_bar)}
+        # Windows of those BARs this instance leaves unimplemented (reserve()).
+        self._reserved: dict[int, tuple[int, int]] = {}
+        self._int_access = {i: self._plain_access(i) for i in self._plain_regs}
+
+    def reserve(self, index: int, start: int, end: int) -> None:
+        """Leave ``[start, end)`` of register BAR ``index`` unimplemented in
+        this instance: accesses starting there read 0 and are not written
+        (e.g. an AHCI HBA's port registers past its last port, AHCI 3.3).
+        One window per BAR; call it from ``__init__``."""
+        if index not in self._plain_regs:
+            raise ValueError(f"BAR{index} has no register file of its own")
+        self._reserved[index] = (start, end)
+        self._int_access[index] = self._plain_access(index)
+
+    def _unimplemented(self, index: int, offset: int) -> bool:
+        window = self._reserved.get(index)
+        return window is not None and window[0] <= offset < window[1]
+
+    def _plain_access(self, index: int) -> tuple[IntReader, IntWriter]:
+        """The number accessors of a plain register BAR: the lock and the
+        register file, nothing between (the direct ioreq path's every access)."""
+        regs, lock = self._plain_regs[index], self.lock
+        read_int, write_int = regs.read_int, regs.write_int
+        lo, hi = self._reserved.get(index, (0, 0))
+
+        def read(offset: int, size: int) -> int:
+            if lo <= offset < hi:
+                return 0
+            with lock:
+                return read_int(offset, size)
+
+        def write(offset: int, size: int, value: int) -> None:
+            if lo <= offset < hi:
+                return
+            with lock:
+                write_int(offset, size, value)
+
+        return read, write
 
     # -- description ---------------------------------------------------------------------
     def region(self, index: int) -> RegionDesc:
@@ -123,6 +170,8 @@ class PciDevice(Device):
         with self.lock:
             plain = self._plain_regs.get(index)
             if plain is not None:
+                if self._reserved and self._unimplemented(index, offset):
+                    return bytes(count)
                 return plain.read(offset, count)
             regs = self.regfiles.get(index)
             msix = self.msix
@@ -142,25 +191,28 @@ class PciDevice(Device):
             return self.bar_read(index, offset, count)
 
     def region_read_int(self, index: int, offset: int, size: int) -> int:
-        with self.lock:
-            plain = self._plain_regs.get(index)
-            if plain is not None:
-                return plain.read_int(offset, size)
+        access = self._int_access.get(index)
+        if access is not None:
+            return access[0](offset, size)
         return super().region_read_int(index, offset, size)
 
     def region_write_int(self, index: int, offset: int, size: int, value: int) -> None:
-        with self.lock:
-            plain = self._plain_regs.get(index)
-            if plain is not None:
-                plain.write_int(offset, size, value)
-                return
-        super().region_write_int(index, offset, size, value)
+        access = self._int_access.get(index)
+        if access is not None:
+            access[1](offset, size, value)
+        else:
+            super().region_write_int(index, offset, size, value)
+
+    def region_int_access(self, index: int) -> tuple[IntReader, IntWriter]:
+        access = self._int_access.get(index)
+        return access if access is not None else super().region_int_access(index)
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         with self.lock:
             plain = self._plain_regs.get(index)
             if plain is not None:
-                plain.write(offset, data)
+                if not (self._reserved and self._unimplemented(index, offset)):
+                    plain.write(offset, data)
                 return
             regs = self.regfiles.get(index)
             msix = self.msix
