@@ -106,3 +106,28 @@ def test_mixed_records_decode(probe: dict[str, str]) -> None:
     buf = abi.decode_buf_ioreq(bytes.fromhex(probe["mixed.buf_ioreq"]), None)
     assert buf == abi.Ioreq(abi.IoreqType.COPY, abi.IoreqDir.WRITE, 0xABCDE, 0x12345678, 4, 1,
                             False, False)
+
+
+def test_evtchn_device_interface_matches_the_kernel_header(tmp_path: pathlib.Path) -> None:
+    """XenLibs makes libxenevtchn's per-request calls on the evtchn fd
+    itself: its ioctl number and port size must be the kernel's
+    (<xen/evtchn.h> of linux-libc-dev, which libc6-dev depends on)."""
+    from bridge.xen import libs
+
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc not installed (apt-get install gcc)")
+    src = tmp_path / "probe_evtchn.c"
+    # The header uses Xen's domid_t without defining it (the kernel's own
+    # xen/interface headers do); uint16_t is its type in xen.h.
+    src.write_text("#include <stdint.h>\n#include <stdio.h>\n#include <sys/ioctl.h>\n"
+                   "typedef uint16_t domid_t;\n#include <xen/evtchn.h>\n"
+                   "int main(void) { struct ioctl_evtchn_notify n;\n"
+                   "  printf(\"%lu %lu\\n\", (unsigned long)IOCTL_EVTCHN_NOTIFY,\n"
+                   "         (unsigned long)sizeof n.port); return 0; }\n")
+    exe = tmp_path / "probe_evtchn"
+    subprocess.run([gcc, "-w", "-o", str(exe), str(src)], check=True)
+    number, port_size = subprocess.run([str(exe)], capture_output=True, text=True,
+                                       check=True).stdout.split()
+    assert int(number) == libs.IOCTL_EVTCHN_NOTIFY
+    assert int(port_size) == libs.EVTCHN_PORT_SIZE

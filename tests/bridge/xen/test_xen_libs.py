@@ -9,15 +9,18 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bridge.xen import libs
-from bridge.xen.errors import XenPermissionError, XenUnavailable
+from bridge.xen.errors import XenCallError, XenPermissionError, XenUnavailable
 
 HEADERS = ["xendevicemodel.h", "xenforeignmemory.h", "xenevtchn.h", "xentoolcore.h"]
 
@@ -76,3 +79,24 @@ def test_opening_outside_xen_gives_a_clear_error() -> None:
     with pytest.raises((XenUnavailable, XenPermissionError)) as info:
         libs.XenLibs()
     assert "xen" in str(info.value).lower()
+
+
+def test_evtchn_calls_on_the_device_fd() -> None:
+    """pending/unmask/notify as the evtchn device takes them: a port per
+    4-byte read, unmasking as a 4-byte write, errors typed with the call."""
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        xen = libs.XenLibs.__new__(libs.XenLibs)  # no Xen here: just the fd
+        xen._evfd = a.fileno()
+        assert xen.pending() is None
+        b.send((513).to_bytes(4, sys.byteorder) + (7).to_bytes(4, sys.byteorder))
+        assert (xen.pending(), xen.pending(), xen.pending()) == (513, 7, None)
+        xen.unmask(70000)
+        assert b.recv(16) == (70000).to_bytes(4, sys.byteorder)
+        with pytest.raises(XenCallError) as info:
+            xen.notify(5)  # a socket has no IOCTL_EVTCHN_NOTIFY
+        assert info.value.call == "xenevtchn_notify" and info.value.errno == errno.ENOTTY
+        b.send(b"\1\2")  # the device never hands out part of a port
+        with pytest.raises(XenCallError, match="xenevtchn_pending"):
+            xen.pending()
