@@ -394,15 +394,18 @@ class IoreqServer:
             if port is None:
                 break
             self._xen.unmask(port)
-            if port == self._buf_port:
-                done += self.poll_buffered()
-            elif port in self._port_vcpu:
-                done += self._handle_vcpu(self._port_vcpu[port])
-            elif port in self._adopted:
-                done += self._adopted[port].handle_port(port)
-            else:
-                log.debug("event on unknown port %d", port)
+            vcpu = self._port_vcpu.get(port)
+            done += self._handle_vcpu(vcpu) if vcpu is not None else self._other_port(port)
         return done
+
+    def _other_port(self, port: int) -> int:
+        """An event on a port other than a vCPU's."""
+        if port == self._buf_port:
+            return self.poll_buffered()
+        if port in self._adopted:
+            return self._adopted[port].handle_port(port)
+        log.debug("event on unknown port %d", port)
+        return 0
 
     def handle_port(self, port: int) -> int:
         """One event on one of our ports (when another server's loop took it)."""
@@ -415,14 +418,25 @@ class IoreqServer:
         """Serve until ``stop`` is set, the server is closed or the domain dies."""
         poller = select.poll()
         poller.register(self.fileno(), select.POLLIN)
+        timeout = int(BUFFERED_POLL_INTERVAL * 1000)
+        # handle_events(1) written out: this loop is every register access's
+        # way through the process, one port per wake-up (poll says whether
+        # more are pending, which spares the read that would find none after
+        # the last: a system call per request, as QEMU's loop has it too).
+        pending, unmask, lock = self._xen.pending, self._xen.unmask, self._slot_lock
         cpu = time.thread_time()
         try:
             while not stop.is_set() and not self.closed:
-                # One port per wake-up: poll says whether more are pending,
-                # which spares the read that would find none after the last
-                # (a system call per request, as QEMU's loop has it too).
-                if poller.poll(int(BUFFERED_POLL_INTERVAL * 1000)):
-                    self.handle_events(1)
+                if poller.poll(timeout):
+                    port = pending()
+                    if port is not None:
+                        unmask(port)
+                        vcpu = self._port_vcpu.get(port)
+                        if vcpu is None:
+                            self._other_port(port)
+                        else:
+                            with lock:
+                                self._handle_vcpu_locked(vcpu)
                 if self._buf_map is not None:
                     self.poll_buffered()
         except DomainGone:
