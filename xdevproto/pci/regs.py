@@ -52,6 +52,11 @@ from ..errors import DeviceError
 log = logging.getLogger("xdevproto.pci.regs")
 
 
+# What reading a register does beyond returning its value (RegisterLayout.read_modes).
+_READ_PLAIN, _READ_CLEARS, _READ_ZERO = 0, 1, 2
+_DEBUG = logging.DEBUG
+
+
 class Access(enum.Enum):
     RO = "RO"
     RW = "RW"
@@ -160,6 +165,11 @@ class RegisterLayout:
         #: (offset << 4 | width) -> slot number for whole-register accesses
         self.exact: dict[int, int] = {s.offset << 4 | s.width: s.number for s in self.slots}
         self.resets: tuple[int, ...] = tuple(s.reg.reset & s.full for s in self.slots)
+        #: per slot, what a read does beyond returning the value (_READ_*)
+        self.read_modes: tuple[int, ...] = tuple(
+            _READ_CLEARS if s.reg.access is Access.RC
+            else _READ_ZERO if s.reg.access in (Access.WO, Access.RSVD) else _READ_PLAIN
+            for s in self.slots)
         self._first: dict[str, int] = {}
         for s in self.slots:
             self._first.setdefault(s.reg.name, s.number)
@@ -205,6 +215,7 @@ class RegisterFile:
         self._exact = layout.exact
         self._slots = layout.slots
         self._keys = layout.keys
+        self._read_modes = layout.read_modes
 
     # -- device-side access (no hooks, no side effects) ------------------------------
     def __getitem__(self, key: str | tuple[str, int]) -> int:
@@ -266,18 +277,19 @@ class RegisterFile:
         return min(offset + count, self.layout.size)
 
     def _read_slot(self, n: int) -> int:
-        slot = self._slots[n]
-        access = slot.reg.access
         value = self.values[n]
         hook = self._read_hooks[n]
         if hook is not None:
+            slot = self._slots[n]
             value = hook(slot.index, value) & slot.full
-        if access is Access.RC:
-            self.values[n] = 0
-        elif access is Access.WO or access is Access.RSVD:
-            value = 0
-        if self.log.isEnabledFor(logging.DEBUG):
-            self.log.debug("%s read %s = %#x", self.label, slot.name, value)
+        mode = self._read_modes[n]
+        if mode:
+            if mode == _READ_CLEARS:
+                self.values[n] = 0
+            else:
+                value = 0
+        if self.log.isEnabledFor(_DEBUG):
+            self.log.debug("%s read %s = %#x", self.label, self._slots[n].name, value)
         return value
 
     def _write_slot(self, n: int, value: int, lanes: int) -> None:
@@ -305,7 +317,7 @@ class RegisterFile:
         else:
             new = old
         self.values[n] = new
-        if self.log.isEnabledFor(logging.DEBUG):
+        if self.log.isEnabledFor(_DEBUG):
             self.log.debug("%s write %s = %#x (%#x -> %#x)", self.label, slot.name, value,
                            old, new)
         hook = self._write_hooks[n]
