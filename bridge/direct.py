@@ -183,6 +183,7 @@ class XenIoreqAttachment:
         if server is None:
             return
         self._stop.set()
+        server.wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
         server.close()  # unbinds and unmaps; the bridge owns the server

@@ -30,7 +30,7 @@ How the bridge core runs one guest::
     server.claim_range(True, bar_start, bar_end)  # MMIO BAR, end inclusive
     store.publish_bridge(domid, "running", server.id)
     stop = threading.Event()
-    xenstore.DomainWatcher(xs, domid, stop.set).start()
+    xenstore.DomainWatcher(xs, domid, lambda: (stop.set(), server.wake())).start()
     privileges.restrict_to_domain(xen, domid)
     privileges.drop_root(privileges.lookup_user("xdev"))
     server.run(stop)                              # or: select on server.fileno(),

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         def gone() -> None:
             report["gone"] = True
             stop.set()
+            server.wake()
 
         watcher = DomainWatcher(xs, domid, gone)
         watcher.start()

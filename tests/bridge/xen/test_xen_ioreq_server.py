@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +15,7 @@ from bridge.xen.errors import XenCallError
 from bridge.xen.fake import FakeXen
 from bridge.xen.guestmem import GuestMemory
 from bridge.xen.ioreq_server import IoreqServer
+from tests.bridge.test_cli import wait_for
 from tests.bridge.xen.xen_helpers import RecordingHandler
 
 R, W = IoreqDir.READ, IoreqDir.WRITE
@@ -338,6 +340,26 @@ def test_run_serves_until_stopped_and_tears_down(xen: FakeXen) -> None:
     assert handler.calls == [("mmio_read", 0xFE000000, 4)]
     assert abi.unpack_ioreq(abi.ioreq_slot(page, 0)).state == IoreqState.IORESP_READY
     assert ("destroy", 1) in xen.calls
+
+
+def test_run_without_a_buffered_ring_waits_without_a_timer_and_wakes_to_stop(
+        xen: FakeXen, handler: RecordingHandler) -> None:
+    """Nothing is due on a timer without a buffered ring, so run() waits
+    for events alone: setting ``stop`` takes effect at wake(), promptly."""
+    server = IoreqServer(xen, xen.domid, handler, buffered=False)
+    server.start()
+    stop = threading.Event()
+    thread = threading.Thread(target=server.run, args=(stop,))
+    thread.start()
+    xen.send(sid(server), 0, IoreqType.COPY, R, 0xFE000000, 4)
+    wait_for(lambda: handler.calls == [("mmio_read", 0xFE000000, 4)])
+    stop.set()
+    time.sleep(0.3)  # longer than the buffered ring's timer: no timer fires
+    assert thread.is_alive()
+    server.wake()
+    thread.join(10)
+    assert not thread.is_alive() and server.closed
+    server.wake()  # after the loop: harmless
 
 
 def test_fallback_to_gfn_mapping(handler: RecordingHandler) -> None:
