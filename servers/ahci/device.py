@@ -63,12 +63,6 @@ class AhciDevice(PciDevice):
                 disk.close()
 
     # -- HBA registers (AHCI 3.1) ------------------------------------------------------
-    def read_cap(self, index: int, value: int) -> int:
-        return value | (len(self.ports) - 1)
-
-    def read_pi(self, index: int, value: int) -> int:
-        return (1 << len(self.ports)) - 1
-
     def write_ghc(self, index: int, value: int, old: int) -> None:
         if value & R.GHC_HR:
             self.hba_reset()
@@ -103,6 +97,9 @@ class AhciDevice(PciDevice):
             port.halted = port.srst = False
             port.link_up()
         self.abar["IS"] = 0  # link-up causes interrupt nobody until PxIE enables them
+        # What this HBA has: CAP.NP (ports - 1) and one PI bit per port (3.1.1, 3.1.4).
+        self.abar["CAP"] = R.CAP_BASE | (len(self.ports) - 1)
+        self.abar["PI"] = (1 << len(self.ports)) - 1
         self.intr.lower(0)
 
     # -- port registers (AHCI 3.3) -----------------------------------------------------

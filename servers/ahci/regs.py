@@ -53,11 +53,11 @@ def _port(off: int, name: str, access: Access = Access.RW, **kw: object) -> Reg:
 
 
 ABAR = RegisterLayout("ahci", ABAR_SIZE, [
-    Reg(0x00, "CAP", Access.RO, reset=CAP_BASE, spec="AHCI 3.1.1", on_read="read_cap"),
+    Reg(0x00, "CAP", Access.RO, reset=CAP_BASE, spec="AHCI 3.1.1"),  # + NP at reset
     Reg(0x04, "GHC", Access.RW, reset=GHC_AE, mask=GHC_HR | GHC_IE, spec="AHCI 3.1.2",
         on_write="write_ghc"),
     Reg(0x08, "IS", Access.RW1C, spec="AHCI 3.1.3", on_write="write_is"),
-    Reg(0x0C, "PI", Access.RO, spec="AHCI 3.1.4", on_read="read_pi"),
+    Reg(0x0C, "PI", Access.RO, spec="AHCI 3.1.4"),  # set at reset
     Reg(0x10, "VS", Access.RO, reset=AHCI_VERSION, spec="AHCI 3.1.5"),
     # CCC (3.1.6-7), enclosure management (3.1.8-9): not implemented (CAP.CCCS, CAP.EMS 0)
     Reg(0x14, "CCC_CTL", Access.RO, spec="AHCI 3.1.6"),

@@ -170,6 +170,10 @@ class RegisterLayout:
             _READ_CLEARS if s.reg.access is Access.RC
             else _READ_ZERO if s.reg.access in (Access.WO, Access.RSVD) else _READ_PLAIN
             for s in self.slots)
+        #: per slot, whether a whole read of it is just its value (no hook, no effect)
+        self.quiet_reads: tuple[bool, ...] = tuple(
+            s.reg.on_read is None and mode == _READ_PLAIN
+            for s, mode in zip(self.slots, self.read_modes, strict=True))
         self._first: dict[str, int] = {}
         for s in self.slots:
             self._first.setdefault(s.reg.name, s.number)
@@ -216,6 +220,7 @@ class RegisterFile:
         self._slots = layout.slots
         self._keys = layout.keys
         self._read_modes = layout.read_modes
+        self._quiet = layout.quiet_reads
 
     # -- device-side access (no hooks, no side effects) ------------------------------
     def __getitem__(self, key: str | tuple[str, int]) -> int:
@@ -260,6 +265,20 @@ class RegisterFile:
         if n is not None:
             return self._read_slot(n)
         return int.from_bytes(self._read_bytes(offset, count), "little")
+
+    def peek_int(self, offset: int, count: int) -> int | None:
+        """:meth:`read_int` for a caller without the device lock, where that
+        is the same thing: a whole register with no read hook whose read
+        changes nothing is one list element, read as it stands (values are
+        seen in the order the device stores them, as on hardware). None for
+        any other access: read_int it under the lock."""
+        n = self._exact.get(offset << 4 | count) if count <= 8 else None
+        if n is None or not self._quiet[n]:
+            return None
+        value = self.values[n]
+        if self.log.isEnabledFor(_DEBUG):
+            self.log.debug("%s read %s = %#x", self.label, self._slots[n].name, value)
+        return value
 
     def write_int(self, offset: int, count: int, value: int) -> None:
         """:meth:`write` of ``value`` as ``count`` (1-8) little-endian bytes."""

@@ -137,6 +137,8 @@ def test_hba_registers_after_reset(drv: AhciDriver) -> None:
     assert drv.prd(2, PxSIG) == 0xFFFFFFFF and drv.prd(2, PxTFD) == 0x7F
     drv.wr(0x00, 0)  # CAP is read-only
     assert drv.rd(0x00) == cap
+    drv.wr(0x04, 1 << 31 | 1)  # GHC.HR: CAP and PI describe the same HBA after it
+    assert drv.rd(0x00) == cap and drv.rd(0x0C) == 0b111 and drv.rd(0x04) & 1 == 0
 
 
 def test_register_access_semantics(drv: AhciDriver) -> None:

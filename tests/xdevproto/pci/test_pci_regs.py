@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 
+from tests.xdevproto.pci.pci_sample_device import CTRL, ID, ISR, SampleDevice
 from xdevproto.errors import DeviceError
 from xdevproto.pci.regs import Access, Reg, RegisterFile, RegisterLayout
 
@@ -285,3 +287,49 @@ def test_register_blocks_at_a_stride() -> None:
     assert layout.slots[layout.slot("PxIS", 7)].offset == 0x100 + 0x80 * 7 + 0x10
     with pytest.raises(ValueError):
         block(0, 0x10, 2, [Reg(0x0E, "TOO_WIDE")])
+
+
+def test_peek_answers_only_reads_that_are_just_the_value(rf: tuple[RegisterFile, Owner]) -> None:
+    """peek_int (reads without the device lock) answers a whole register
+    with no read hook and no read effect, exactly as read_int would; any
+    other access gets None and nothing changes."""
+    f, owner = rf
+    wr(f, 0x04, 0x1234)
+    assert f.peek_int(0x00, 4) == f.read_int(0x00, 4) == 0x11223344
+    assert f.peek_int(0x04, 4) == f.read_int(0x04, 4) == 0xAABB1234
+    assert f.peek_int(0x20, 8) == 0x0102030405060708
+    assert f.peek_int(0x2A, 2) == 0xBEEF and f.peek_int(0x28, 1) == 0x5A
+    assert f.peek_int(0x44 + 8, 2) == f.read_int(0x44 + 8, 2)
+    for offset, size in ((0x10, 4),   # RC: reading clears it
+                         (0x14, 4),   # WO: reads as 0, whatever it holds
+                         (0x18, 4),   # reserved
+                         (0x1C, 4),   # read hook
+                         (0x00, 2), (0x02, 4), (0x20, 4),  # part of a register, or two
+                         (0x34, 4),   # nothing declared there
+                         (0x01, 20)):  # longer than a register (its key would alias)
+        assert f.peek_int(offset, size) is None, (offset, size)
+    assert owner.counter == 0 and f["RC"] == 0x55  # nothing was read for real
+
+
+def test_quiet_register_reads_do_not_wait_for_the_device_lock() -> None:
+    """The direct ioreq path's accessors: a register read that is just its
+    value goes without the device lock; anything with an effect waits for
+    it (here a worker holds it), then happens under it."""
+    dev = SampleDevice()
+    read, write = dev.region_int_access(0)
+    done: list[int] = []
+    with dev.lock:
+        def side_effect_read() -> None:
+            done.append(read(ISR, 4))
+        held = threading.Thread(target=lambda: done.append(read(ID, 4)))
+        held.start()
+        held.join(5)
+        assert done == [0x5A4D0001]  # answered while the lock is held elsewhere
+        waiting = threading.Thread(target=side_effect_read)
+        waiting.start()
+        waiting.join(0.2)
+        assert waiting.is_alive() and done == [0x5A4D0001]  # the RC read waits
+    waiting.join(5)
+    assert done == [0x5A4D0001, 0]
+    write(CTRL, 4, 0x0000_1234)
+    assert read(CTRL, 4) == 0x0000_1234 == dev.region_read_int(0, CTRL, 4)
