@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from bridge.xen.errors import InvalidIoreq
 
 PAGE_SIZE = 4096
+DOMID_SELF = 0x7FF0  # public/xen.h: the calling domain
 PAGE_SHIFT = 12
 
 IOREQ_SIZE = 32

@@ -105,6 +105,10 @@ class FakeXen:
         self.bound: dict[int, int] = {}
         self.owner: dict[int, FakeXen | FakeHandle] = {}
         self.masked: set[int] = set()
+        # Loopback pairs in this domain (bind_unbound_port(DOMID_SELF) and
+        # bind_interdomain(DOMID_SELF, it)): each local port to its peer.
+        self.loop: dict[int, int] = {}
+        self.unbound: set[int] = set()
         self.notified: list[int] = []
         self._pending: collections.deque[int] = collections.deque()
         self._next_port = 1
@@ -236,15 +240,37 @@ class FakeXen:
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         return self._bind(self, domid, remote_port)
 
+    def bind_unbound_port(self, domid: int) -> int:
+        return self._bind_unbound(self, domid)
+
+    def _bind_unbound(self, owner: FakeXen | FakeHandle, domid: int) -> int:
+        if domid != abi.DOMID_SELF:
+            raise XenCallError("fake", errno.EINVAL, "only loopback ports are modelled")
+        port = self._new_port(owner)
+        self.unbound.add(port)
+        return port
+
+    def _new_port(self, owner: FakeXen | FakeHandle) -> int:
+        port = self._next_port
+        self._next_port += 1
+        self.owner[port] = owner
+        return port
+
     def _bind(self, owner: FakeXen | FakeHandle, domid: int, remote_port: int) -> int:
+        if domid == abi.DOMID_SELF:
+            if remote_port not in self.unbound:
+                raise XenCallError("xenevtchn_bind_interdomain", errno.EINVAL)
+            self.unbound.discard(remote_port)
+            port = self._new_port(owner)
+            self.loop[port], self.loop[remote_port] = remote_port, port
+            self._deliver(port)  # Xen marks a newly bound port pending
+            return port
         self._live(domid)
         if remote_port in self.bound.values():
             # Xen's evtchn_bind_interdomain: the remote port is not unbound.
             raise XenCallError("xenevtchn_bind_interdomain", errno.EINVAL)
-        port = self._next_port
-        self._next_port += 1
+        port = self._new_port(owner)
         self.bound[port] = remote_port
-        self.owner[port] = owner
         return port
 
     def unbind(self, port: int) -> None:
@@ -253,13 +279,20 @@ class FakeXen:
     def _unbind(self, owner: FakeXen | FakeHandle, port: int) -> None:
         if self.owner.get(port) is not owner:
             raise XenCallError("xenevtchn_unbind", errno.EINVAL)
-        del self.bound[port]
         del self.owner[port]
+        self.unbound.discard(port)
+        peer = self.loop.pop(port, None)
+        if peer is not None:
+            del self.loop[peer]
+            self.unbound.add(peer)  # Xen leaves the other end unbound
+        else:
+            self.bound.pop(port, None)
 
     def pending(self) -> int | None:
-        if not self._pending:
+        try:
+            os.read(self._rfd, 1)  # one byte per queued port; waits if the fd blocks
+        except BlockingIOError:
             return None
-        os.read(self._rfd, 1)
         port = self._pending.popleft()
         self.masked.add(port)  # the kernel masks a port when it reports it
         return port
@@ -268,17 +301,24 @@ class FakeXen:
         self.masked.discard(port)
 
     def notify(self, port: int) -> None:
+        if port in self.loop:
+            self._deliver(self.loop[port])
+            return
         if port not in self.bound:
             raise XenCallError("xenevtchn_notify", errno.EINVAL)
         self.notified.append(port)
+
+    def _deliver(self, local: int) -> None:
+        """Make ``local`` pending for whoever has it bound."""
+        owner = self.owner[local]
+        owner._pending.append(local)
+        os.write(owner._wfd, b"e")
 
     # -- the hypervisor's side ---------------------------------------------------
     def _fire(self, remote_port: int) -> None:
         for local, remote in self.bound.items():
             if remote == remote_port:
-                owner = self.owner[local]
-                owner._pending.append(local)
-                os.write(owner._wfd, b"e")
+                self._deliver(local)
                 return
         raise AssertionError(f"nobody bound remote port {remote_port}")
 
@@ -358,13 +398,17 @@ class FakeHandle:
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         return self.xen._bind(self, domid, remote_port)
 
+    def bind_unbound_port(self, domid: int) -> int:
+        return self.xen._bind_unbound(self, domid)
+
     def unbind(self, port: int) -> None:
         self.xen._unbind(self, port)
 
     def pending(self) -> int | None:
-        if not self._pending:
+        try:
+            os.read(self._rfd, 1)
+        except BlockingIOError:
             return None
-        os.read(self._rfd, 1)
         port = self._pending.popleft()
         self.xen.masked.add(port)
         return port
@@ -372,6 +416,9 @@ class FakeHandle:
     def notify(self, port: int) -> None:
         if self.xen.owner.get(port) is not self:
             raise XenCallError("xenevtchn_notify", errno.EINVAL)
+        if port in self.xen.loop:
+            self.xen._deliver(self.xen.loop[port])
+            return
         self.xen.notified.append(port)
 
     def exit(self) -> None:

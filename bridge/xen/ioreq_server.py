@@ -130,7 +130,7 @@ class IoreqServer:
         # adopted us and a takeover's scan may both look at a slot.
         self._slot_lock = threading.Lock()
         self._wake_lock = threading.Lock()
-        self._wake_fd: int | None = None  # while run() runs
+        self._wake_ports: tuple[int, ...] = ()  # run()'s loopback pair: (listen, kick)
         self._claims: set[tuple[str, int, int]] = set()
         self._enabled = False
         self.closed = False
@@ -421,54 +421,108 @@ class IoreqServer:
         """Serve until ``stop`` is set (then call :meth:`wake`), the server is
         closed or the domain dies; closes the server on the way out.
 
-        While it runs, this loop is the server's only server: nothing else
-        may call handle_events, handle_port or scan on it, nor adopt it (a
-        device server's own ioreq server, bridge.direct, is used so); that
-        spares the slot lock, which in Python 3.11 costs a clock read per
-        acquisition, a system call in a dom0 without a vDSO clock."""
-        wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        with self._wake_lock:
-            self._wake_fd = wake_fd
-        poller = select.poll()
-        poller.register(self.fileno(), select.POLLIN)
-        poller.register(wake_fd, select.POLLIN)
-        # Without a buffered ring nothing is due on a timer: poll without a
-        # timeout, which also spares Python's deadline arithmetic (a clock
-        # read) on every wait.
-        timeout = int(BUFFERED_POLL_INTERVAL * 1000) if self._buf_map is not None else None
-        # handle_events(1) written out: this loop is every register access's
-        # way through the process, one port per wake-up (poll says whether
-        # more are pending, which spares the read that would find none after
-        # the last: a system call per request, as QEMU's loop has it too).
-        pending, unmask = self._xen.pending, self._xen.unmask
+        While it runs, this loop is the server's only server and owns the
+        handle's event channel fd: nothing else may call handle_events,
+        handle_port or scan on it, nor adopt it (a device server's own
+        ioreq server, bridge.direct, is used so). That spares the slot lock,
+        which in Python 3.11 costs a clock read per acquisition, a system
+        call in a dom0 without a vDSO clock (Xen PV on a host without a
+        stable TSC, as under emulation).
+
+        Without a buffered ring nothing is due on a timer, so the loop waits
+        in a blocking read of the fd, which returns the next port: one
+        system call per request fewer than poll and read. wake() notifies a
+        loopback event channel pair of ours to end that wait. With a
+        buffered ring, or where no loopback pair can be bound, it polls with
+        the ring's 100 ms timer and looks at ``stop`` at least that often.
+        """
         cpu = time.thread_time()
         try:
-            while not stop.is_set() and not self.closed:
-                if poller.poll(timeout):
-                    port = pending()
-                    if port is not None:
-                        unmask(port)
-                        vcpu = self._port_vcpu.get(port)
-                        if vcpu is None:
-                            self._other_port(port)
-                        else:
-                            self._handle_vcpu_locked(vcpu)
-                if self._buf_map is not None:
-                    self.poll_buffered()
+            if self._buf_map is None and self._open_wake():
+                self._run_blocking(stop)
+            else:
+                self._run_polling(stop)
         except DomainGone:
             log.info("domain %d is gone; tearing down ioreq server %s", self.domid, self.id)
         finally:
             self.stats.cpu_seconds = time.thread_time() - cpu
-            with self._wake_lock:
-                self._wake_fd = None
-                os.close(wake_fd)
+            self._close_wake()
             self.close()
+
+    def _run_blocking(self, stop: threading.Event) -> None:
+        # handle_events(1) written out, the wait being the read itself: this
+        # loop is every register access's way through the process.
+        fd = self.fileno()
+        wake_ports = self._wake_ports
+        pending, unmask = self._xen.pending, self._xen.unmask
+        os.set_blocking(fd, True)
+        try:
+            while not stop.is_set() and not self.closed:
+                port = pending()
+                if port is None:
+                    continue
+                unmask(port)
+                vcpu = self._port_vcpu.get(port)
+                if vcpu is not None:
+                    self._handle_vcpu_locked(vcpu)
+                elif port not in wake_ports:
+                    self._other_port(port)
+        finally:
+            os.set_blocking(fd, False)
+
+    def _run_polling(self, stop: threading.Event) -> None:
+        poller = select.poll()
+        poller.register(self.fileno(), select.POLLIN)
+        timeout = int(BUFFERED_POLL_INTERVAL * 1000)
+        while not stop.is_set() and not self.closed:
+            # One port per wake-up: poll says whether more are pending,
+            # which spares the read that would find none after the last.
+            if poller.poll(timeout):
+                port = self._xen.pending()
+                if port is not None:
+                    self._xen.unmask(port)
+                    vcpu = self._port_vcpu.get(port)
+                    if vcpu is not None:
+                        self._handle_vcpu_locked(vcpu)
+                    else:
+                        self._other_port(port)
+            if self._buf_map is not None:
+                self.poll_buffered()
+
+    def _open_wake(self) -> bool:
+        """Bind the loopback pair wake() notifies; False if Xen will not."""
+        xen = self._xen
+        try:
+            listen = xen.bind_unbound_port(abi.DOMID_SELF)
+            try:
+                kick = xen.bind_interdomain(abi.DOMID_SELF, listen)
+            except XenError:
+                xen.unbind(listen)
+                raise
+        except XenError as exc:
+            log.info("ioreq server %s: no loopback event channel (%s); polling", self.id, exc)
+            return False
+        with self._wake_lock:
+            self._wake_ports = (listen, kick)
+        return True
+
+    def _close_wake(self) -> None:
+        with self._wake_lock:
+            ports, self._wake_ports = self._wake_ports, ()
+        for port in ports:
+            try:
+                self._xen.unbind(port)
+            except XenError as exc:
+                log.info("ioreq server %s: unbinding wake port %d: %s", self.id, port, exc)
 
     def wake(self) -> None:
         """Have :meth:`run` look at its ``stop`` event now."""
         with self._wake_lock:
-            if self._wake_fd is not None:
-                os.eventfd_write(self._wake_fd, 1)
+            if self._wake_ports:
+                try:
+                    self._xen.notify(self._wake_ports[1])
+                except XenError as exc:
+                    log.warning("ioreq server %s: wake-up not sent: %s", self.id, exc)
 
     def _complain(self, what: str, exc: Exception) -> None:
         n = self.stats.invalid + self.stats.handler_errors

@@ -100,6 +100,7 @@ int xenevtchn_fd(xenevtchn_handle *xce);
 int xenevtchn_notify(xenevtchn_handle *xce, evtchn_port_t port);
 xenevtchn_port_or_error_t xenevtchn_bind_interdomain(xenevtchn_handle *xce, uint32_t domid,
                                                      evtchn_port_t remote_port);
+xenevtchn_port_or_error_t xenevtchn_bind_unbound_port(xenevtchn_handle *xce, uint32_t domid);
 int xenevtchn_unbind(xenevtchn_handle *xce, evtchn_port_t port);
 xenevtchn_port_or_error_t xenevtchn_pending(xenevtchn_handle *xce);
 int xenevtchn_unmask(xenevtchn_handle *xce, evtchn_port_t port);
@@ -335,6 +336,11 @@ class XenLibs:
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         port = self._ev.xenevtchn_bind_interdomain(self._evh, domid, remote_port)
         check_result("xenevtchn_bind_interdomain", port >= 0, f"remote port {remote_port}")
+        return int(port)
+
+    def bind_unbound_port(self, domid: int) -> int:
+        port = self._ev.xenevtchn_bind_unbound_port(self._evh, domid)
+        check_result("xenevtchn_bind_unbound_port", port >= 0, f"for domain {domid}")
         return int(port)
 
     def unbind(self, port: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Iterator
@@ -360,6 +361,46 @@ def test_run_without_a_buffered_ring_waits_without_a_timer_and_wakes_to_stop(
     thread.join(10)
     assert not thread.is_alive() and server.closed
     server.wake()  # after the loop: harmless
+    assert xen.loop == {} and xen.unbound == set()  # the wake-up pair is gone too
+
+
+def test_run_polls_where_no_loopback_pair_can_be_bound(
+        xen: FakeXen, handler: RecordingHandler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hypervisor (or XSM policy) that refuses the loopback pair: run()
+    serves by polling and sees ``stop`` within the ring's timer."""
+    def refuse(domid: int) -> int:
+        raise XenCallError("xenevtchn_bind_unbound_port", errno.EACCES)
+
+    monkeypatch.setattr(xen, "bind_unbound_port", refuse)
+    server = IoreqServer(xen, xen.domid, handler, buffered=False)
+    server.start()
+    stop = threading.Event()
+    thread = threading.Thread(target=server.run, args=(stop,))
+    thread.start()
+    xen.send(sid(server), 0, IoreqType.COPY, R, 0xFE000000, 4)
+    wait_for(lambda: handler.calls == [("mmio_read", 0xFE000000, 4)])
+    stop.set()  # no wake() needed, nor possible
+    thread.join(5)
+    assert not thread.is_alive() and server.closed
+
+
+def test_fake_loopback_pair_behaves_like_xen(xen: FakeXen) -> None:
+    """What run()'s wake-up relies on: a pair bound in this domain, the new
+    end pending once on binding, a notify on one end making the other
+    pending, and unbinding one end leaving the other unbound."""
+    listen = xen.bind_unbound_port(abi.DOMID_SELF)
+    kick = xen.bind_interdomain(abi.DOMID_SELF, listen)
+    assert xen.pending() == kick and xen.pending() is None
+    xen.notify(kick)
+    assert xen.pending() == listen
+    xen.notify(listen)
+    assert xen.pending() == kick
+    with pytest.raises(XenCallError):
+        xen.bind_interdomain(abi.DOMID_SELF, listen)  # already bound
+    xen.unbind(kick)
+    assert xen.unbound == {listen}
+    xen.unbind(listen)
+    assert xen.loop == {} and xen.unbound == set()
 
 
 def test_fallback_to_gfn_mapping(handler: RecordingHandler) -> None:
