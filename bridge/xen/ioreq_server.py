@@ -478,14 +478,7 @@ class IoreqServer:
             # One port per wake-up: poll says whether more are pending,
             # which spares the read that would find none after the last.
             if poller.poll(timeout):
-                port = self._xen.pending()
-                if port is not None:
-                    self._xen.unmask(port)
-                    vcpu = self._port_vcpu.get(port)
-                    if vcpu is not None:
-                        self._handle_vcpu_locked(vcpu)
-                    else:
-                        self._other_port(port)
+                self.handle_events(1)
             if self._buf_map is not None:
                 self.poll_buffered()
 
