@@ -433,8 +433,10 @@ class IoreqServer:
         in a blocking read of the fd, which returns the next port: one
         system call per request fewer than poll and read. wake() notifies a
         loopback event channel pair of ours to end that wait. With a
-        buffered ring, or where no loopback pair can be bound, it polls with
-        the ring's 100 ms timer and looks at ``stop`` at least that often.
+        buffered ring, or where no loopback pair can be bound (a handle
+        already restricted to the guest by xentoolcore_restrict_all may not
+        bind one), it polls with the ring's 100 ms timer and looks at
+        ``stop`` at least that often.
         """
         cpu = time.thread_time()
         try:
