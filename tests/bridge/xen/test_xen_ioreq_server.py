@@ -343,10 +343,10 @@ def test_run_serves_until_stopped_and_tears_down(xen: FakeXen) -> None:
     assert ("destroy", 1) in xen.calls
 
 
-def test_run_without_a_buffered_ring_waits_without_a_timer_and_wakes_to_stop(
-        xen: FakeXen, handler: RecordingHandler) -> None:
-    """Nothing is due on a timer without a buffered ring, so run() waits
-    for events alone: setting ``stop`` takes effect at wake(), promptly."""
+def serving_without_a_ring(xen: FakeXen, handler: RecordingHandler
+                           ) -> tuple[IoreqServer, threading.Event, threading.Thread]:
+    """A server without a buffered ring, its run() on a thread, one MMIO
+    read served through it."""
     server = IoreqServer(xen, xen.domid, handler, buffered=False)
     server.start()
     stop = threading.Event()
@@ -354,6 +354,14 @@ def test_run_without_a_buffered_ring_waits_without_a_timer_and_wakes_to_stop(
     thread.start()
     xen.send(sid(server), 0, IoreqType.COPY, R, 0xFE000000, 4)
     wait_for(lambda: handler.calls == [("mmio_read", 0xFE000000, 4)])
+    return server, stop, thread
+
+
+def test_run_without_a_buffered_ring_waits_without_a_timer_and_wakes_to_stop(
+        xen: FakeXen, handler: RecordingHandler) -> None:
+    """Nothing is due on a timer without a buffered ring, so run() waits
+    for events alone: setting ``stop`` takes effect at wake(), promptly."""
+    server, stop, thread = serving_without_a_ring(xen, handler)
     stop.set()
     time.sleep(0.3)  # longer than the buffered ring's timer: no timer fires
     assert thread.is_alive()
@@ -372,13 +380,7 @@ def test_run_polls_where_no_loopback_pair_can_be_bound(
         raise XenCallError("xenevtchn_bind_unbound_port", errno.EACCES)
 
     monkeypatch.setattr(xen, "bind_unbound_port", refuse)
-    server = IoreqServer(xen, xen.domid, handler, buffered=False)
-    server.start()
-    stop = threading.Event()
-    thread = threading.Thread(target=server.run, args=(stop,))
-    thread.start()
-    xen.send(sid(server), 0, IoreqType.COPY, R, 0xFE000000, 4)
-    wait_for(lambda: handler.calls == [("mmio_read", 0xFE000000, 4)])
+    server, stop, thread = serving_without_a_ring(xen, handler)
     stop.set()  # no wake() needed, nor possible
     thread.join(5)
     assert not thread.is_alive() and server.closed
